@@ -1,0 +1,1 @@
+"""The ``sparselm`` command line."""

@@ -1,0 +1,126 @@
+"""``sparselm`` command line: thin wrappers that parse flags and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import yaml
+
+
+def _kv(text: str):
+    """--set key=value (value parsed as YAML: numbers, bools, lists)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="model preset: tiny, small, gpt2-small, gpt2-medium, gpt3-xl (default tiny)")
+    p.add_argument("--config", help="YAML file of config values (CLI flags win)")
+    p.add_argument("--out", help="run directory (default runs/pretrain)")
+    p.add_argument("--corpus", help="folder of .txt/.jsonl files (default $SPARSELM_DATA/corpus or ../shared/data/corpus)")
+    p.add_argument("--sparsity", type=float, help="target fraction of zeros in the block linears (default 0)")
+    p.add_argument("--method", choices=["static", "magnitude", "gmp", "set", "rigl"], help="sparse-training method (default static)")
+    p.add_argument("--distribution", choices=["uniform", "random", "erk"], help="per-layer sparsity distribution (default uniform)")
+    p.add_argument("--n-m", dest="n_m", help="N:M structured masks, e.g. 2:4 (static, gmp)")
+    p.add_argument("--max-steps", dest="max_steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--grad-accum", dest="grad_accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (CUDA)")
+    p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="any config field, e.g. --set warmup_steps=20 --set model.n_layer=2")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_pretrain(args) -> int:
+    from ..training import load_config, pretrain
+
+    overrides = {k: getattr(args, k) for k in ("preset", "out", "corpus", "sparsity", "method", "distribution",
+                                               "n_m", "max_steps", "batch_size", "grad_accum", "lr", "seed", "device", "compile")}
+    model = {}
+    for key, value in args.overrides:
+        if key.startswith("model."):
+            model[key[len("model."):]] = value
+        else:
+            overrides[key] = value
+    cfg = load_config(args.config, model=model, **overrides)
+    shape = cfg.shape()
+    print(f"pretrain {cfg.preset} ({shape.n_layer}L d={shape.n_embd} T={shape.block_size} V={shape.vocab_size}) "
+          f"sparsity={cfg.sparsity} method={cfg.method} steps={cfg.max_steps} tokens/step={cfg.tokens_per_step} -> {cfg.out}")
+    summary = pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"done: val loss {summary['final_val_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f}), "
+          f"sparsity {summary['sparsity']['measured']:.4f}, train FLOPs {summary['train_flops']:.3e} "
+          f"(dense {summary['dense_train_flops']:.3e}, {summary['flops_reduction']:.2f}x fewer), "
+          f"{summary['wall_time_s']:.0f}s -> {cfg.out}")
+    return 0
+
+
+def cmd_flops(args) -> int:
+    from .. import flops
+    from ..models import get_preset
+
+    shape = get_preset(args.preset).override(**dict(args.overrides))
+    rows = flops.flops_table(shape, args.sparsity)
+    print(f"forward FLOPs per token, {args.preset} (L={shape.n_layer} d={shape.n_embd} T={shape.block_size} "
+          f"V={shape.vocab_size}), sparsity {args.sparsity} on the block linears")
+    print(f"{'component':<14}{'dense':>14}{'sparse':>14}")
+    for name, dense, sparse in rows:
+        print(f"{name:<14}{dense:>14.4e}{sparse:>14.4e}")
+    total_dense, total_sparse = rows[-1][1], rows[-1][2]
+    print(f"dense/sparse ratio: {total_dense / total_sparse:.3f}x")
+    if args.tokens:
+        print(f"training FLOPs for {args.tokens:.3e} tokens: dense {3 * total_dense * args.tokens:.3e}, "
+              f"sparse {3 * total_sparse * args.tokens:.3e}")
+    return 0
+
+
+def quiet_transformers() -> None:
+    """transformers' warnings about padding and its save progress bars are noise for our runs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparselm", description="Sparse pre-training and dense fine-tuning of GPT models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pre-train a (sparse) GPT on a text corpus")
+    _pretrain_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("flops", help="per-component FLOPs of a preset, dense vs sparse")
+    p.add_argument("--preset", default="gpt3-xl")
+    p.add_argument("--sparsity", type=float, default=0.75)
+    p.add_argument("--tokens", type=float, help="also total training FLOPs for this many tokens")
+    p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="FIELD=VALUE")
+    p.set_defaults(func=cmd_flops)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_transformers()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        if os.environ.get("SPARSELM_DEBUG"):
+            raise
+        print(f"sparselm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Random (B, T) training windows from a token array, stateless in the step.
+
+The batch for step ``k`` depends only on (seed, k): resuming at step k reads exactly the data an
+uninterrupted run would have, with no loader state to checkpoint, and data-parallel ranks add
+their rank to the seed to read different windows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, device="cpu"):
+    """Inputs and next-token targets, each (batch_size, block_size) int64."""
+    if len(tokens) <= block_size + 1:
+        raise ValueError(f"only {len(tokens)} tokens, fewer than one window of {block_size + 1}; use more text or a smaller block_size")
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)
+    windows = np.stack([np.asarray(tokens[s : s + block_size + 1], dtype=np.int64) for s in starts])
+    t = torch.from_numpy(windows)
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t[:, :-1], t[:, 1:]
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, n_batches: int):
+    """Fixed, evenly spaced validation windows: the same ones at every evaluation."""
+    n_windows = max(1, min(n_batches * batch_size, (len(tokens) - 1) // block_size))
+    starts = np.linspace(0, len(tokens) - block_size - 1, n_windows).astype(np.int64)
+    for i in range(0, n_windows, batch_size):
+        chunk = starts[i : i + batch_size]
+        w = torch.from_numpy(np.stack([np.asarray(tokens[s : s + block_size + 1], dtype=np.int64) for s in chunk]))
+        yield w[:, :-1], w[:, 1:]

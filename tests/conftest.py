@@ -1,0 +1,57 @@
+"""Shared fixtures: a small slice of the real corpus and a micro GPT config that trains in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sparselm.data.paths import data_root
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MICRO_MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    return data_root()
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, shared_data):
+    """~240 KB of real English: the first 80 KB of three corpus files."""
+    out = tmp_path_factory.mktemp("corpus")
+    for name in ("brown.txt", "inaugural.txt", "webtext.txt"):
+        text = (shared_data / "corpus" / name).read_text(encoding="utf-8")[:80_000]
+        (out / name).write_text(text, encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def micro_config(small_corpus, cache_dir, tmp_path):
+    """A factory of PretrainConfig for a 2-layer, d=32 GPT on the small corpus."""
+    from sparselm.training import PretrainConfig
+
+    def make(**kw):
+        base = dict(
+            preset="tiny", model=dict(MICRO_MODEL), corpus=str(small_corpus), cache_dir=str(cache_dir),
+            out=str(tmp_path / "run"), max_steps=20, batch_size=8, warmup_steps=5, eval_every=10,
+            ckpt_every=10, log_every=1, eval_batches=2, lr=3e-3,
+        )
+        base.update(kw)
+        return PretrainConfig(**base)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers():
+    from sparselm.cli.main import quiet_transformers
+
+    quiet_transformers()
