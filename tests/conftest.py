@@ -55,3 +55,17 @@ def _quiet_transformers():
     from sparselm.cli.main import quiet_transformers
 
     quiet_transformers()
+
+
+@pytest.fixture(scope="session")
+def sparse_run(tmp_path_factory, small_corpus, cache_dir):
+    """A micro GPT pre-trained for 30 steps at 50% sparsity (context 128 so task prompts fit)."""
+    from sparselm.training import PretrainConfig, pretrain
+
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    cfg = PretrainConfig(
+        preset="tiny", model=dict(MICRO_MODEL, block_size=128), corpus=str(small_corpus), cache_dir=str(cache_dir),
+        out=str(out), sparsity=0.5, max_steps=30, batch_size=8, warmup_steps=5, eval_every=30, ckpt_every=30, eval_batches=2,
+    )
+    pretrain(cfg, progress=False, log=lambda *_: None)
+    return out

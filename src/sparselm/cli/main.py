@@ -91,6 +91,37 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def cmd_finetune(args) -> int:
+    from ..training import FinetuneConfig, finetune
+
+    values = {k: getattr(args, k) for k in ("task", "mode", "out", "data_dir", "epochs", "max_steps", "batch_size",
+                                            "lr", "limit_train", "seed", "device") if getattr(args, k) is not None}
+    values.update(dict(args.overrides))
+    cfg = FinetuneConfig(from_run=args.from_run, skip_bad_rows=args.skip_bad_rows, **values)
+    print(f"finetune {cfg.from_run} on {cfg.task} ({cfg.mode}) -> {cfg.out}")
+    s = finetune(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"done: {s['steps']} steps ({s['epochs']:.2f} epochs), val loss {s['initial_val_loss']:.3f} -> "
+          f"{s['final_val_loss']:.3f} (ppl {s['final_val_ppl']:.2f}), fine-tuning FLOPs {s['finetune_flops']:.3e}, "
+          f"{s['wall_time_s']:.0f}s -> {cfg.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ..evaluation.evaluate import evaluate, format_table
+    from ..evaluation.generate import DecodingConfig
+    from ..training.distributed import pick_device
+
+    decoding = DecodingConfig(num_beams=args.beams, length_penalty=args.length_penalty,
+                              no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size)
+    result = evaluate(args.model, args.task, args.split, args.limit, decoding, args.data_dir,
+                      pick_device(args.device), progress=not args.no_progress)
+    print(format_table(result))
+    if args.model != "copy":
+        print(f"-> {args.model}/eval/{args.task}-{args.split}.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparselm", description="Sparse pre-training and dense fine-tuning of GPT models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +136,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=float, help="also total training FLOPs for this many tokens")
     p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="FIELD=VALUE")
     p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("finetune", help="fine-tune a pre-trained run on a data-to-text task (dense = SPDF)")
+    p.add_argument("--from", dest="from_run", required=True, help="pre-training run directory (or any HF GPT-2 directory)")
+    p.add_argument("--task", help="e2e, e2e-cleaned, webnlg, dart, jsonl (default e2e)")
+    p.add_argument("--mode", choices=["dense", "sparse", "lora"], help="dense (SPDF, default), sparse (masks kept), lora")
+    p.add_argument("--out", help="run directory (default runs/finetune)")
+    p.add_argument("--data-dir", help="task folder (default: its folder in $SPARSELM_DATA / shared/data)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", dest="max_steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--limit-train", dest="limit_train", type=int, help="use only the first N training pairs")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) malformed rows instead of failing")
+    p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="beam-search a task split and score it with the official metrics")
+    p.add_argument("--model", required=True, help="model directory (a fine-tuning run), or 'copy' for the copy-the-input baseline")
+    p.add_argument("--task", default="e2e")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--limit", type=int, help="first N inputs only")
+    p.add_argument("--beams", type=int, default=10)
+    p.add_argument("--length-penalty", type=float, default=0.9)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -1,0 +1,252 @@
+"""Downstream data-to-text tasks: E2E NLG, WebNLG 2017, DART, and any JSONL of source/target rows.
+
+Every task becomes a list of ``Example(id, source, refs)`` per split: ``source`` is the linearised
+input, ``refs`` all human references for it (training uses one row per reference; evaluation scores
+against all). Splits follow ``shared/data/README.md``: E2E trains on ``devset.csv`` minus the MRs
+whose SHA-1 ends in 0/1 (validation) and tests on ``testset_w_refs.csv`` (with ``trainset.csv``
+present, the official train/dev/test are used); WebNLG and DART hash the entry id (index for DART):
+last hex digit 0-3 -> test, 4 -> validation, else train.
+
+A malformed row raises ``TaskDataError`` naming file, line/entry and field; with
+``skip_bad_rows=True`` it is skipped, counted and warned about instead. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .paths import data_root
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "validation", "test")
+SEPARATOR = " ||"  # between the linearised input and the text, as in the LoRA/SPDF NLG setups
+
+
+class TaskDataError(ValueError):
+    """A malformed task file; the message names file, row and field."""
+
+
+@dataclass
+class Example:
+    id: str
+    source: str
+    refs: list[str] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> str:
+        return self.source + SEPARATOR
+
+
+@dataclass
+class TaskData:
+    name: str
+    splits: dict[str, list[Example]]
+    skipped: int = 0
+
+    def pairs(self, split: str) -> list[tuple[str, str]]:
+        """(prompt, target) training pairs: one per reference."""
+        return [(ex.prompt, " " + ref) for ex in self.splits[split] for ref in ex.refs]
+
+
+class _Rows:
+    """Collects examples; raises or counts malformed rows."""
+
+    def __init__(self, skip_bad_rows: bool):
+        self.skip = skip_bad_rows
+        self.skipped = 0
+
+    def bad(self, where: str, field_name: str, problem: str) -> None:
+        msg = f"{where}: field '{field_name}' {problem}"
+        if not self.skip:
+            raise TaskDataError(msg + " (fix the row, or pass --skip-bad-rows to skip such rows)")
+        self.skipped += 1
+        log.warning("skipping malformed row: %s", msg)
+
+
+def _hex_tail(key: str) -> str:
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[-1]
+
+
+def _split_of(key: str) -> str:
+    tail = _hex_tail(key)
+    return "test" if tail in "0123" else "validation" if tail == "4" else "train"
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.replace("_", " ").strip().strip('"').split())
+
+
+# ---- E2E ---------------------------------------------------------------------------------------
+def _read_e2e_csv(path: Path, rows: _Rows) -> "OrderedDict[str, list[str]]":
+    if not path.is_file():
+        raise FileNotFoundError(f"E2E file {path} not found; pass --data-dir pointing at a folder with devset.csv")
+    grouped: OrderedDict[str, list[str]] = OrderedDict()
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"mr", "ref"} - set(reader.fieldnames or [])
+        if missing:
+            raise TaskDataError(f"{path}: missing column(s) {sorted(missing)}; an E2E CSV has header 'mr,ref'")
+        for i, row in enumerate(reader, start=2):  # line 1 is the header
+            where = f"{path}:{i}"
+            mr, ref = row.get("mr"), row.get("ref")
+            if not mr or not mr.strip():
+                rows.bad(where, "mr", "is empty")
+                continue
+            if not ref or not ref.strip():
+                rows.bad(where, "ref", "is empty")
+                continue
+            grouped.setdefault(mr.strip(), []).append(ref.strip())
+    return grouped
+
+
+def load_e2e(folder: Path, skip_bad_rows: bool = False, cleaned: bool = False) -> TaskData:
+    rows = _Rows(skip_bad_rows)
+    if cleaned:
+        train_file, test_file = folder / "devel-fixed.no-ol.csv", folder / "test-fixed.csv"
+    else:
+        train_file, test_file = folder / "devset.csv", folder / "testset_w_refs.csv"
+
+    def examples(grouped):
+        return [Example(id=mr, source=mr, refs=refs) for mr, refs in grouped.items()]
+
+    official_train = folder / ("train-fixed.no-ol.csv" if cleaned else "trainset.csv")
+    if official_train.is_file():
+        splits = {"train": examples(_read_e2e_csv(official_train, rows)),
+                  "validation": examples(_read_e2e_csv(train_file, rows))}
+    else:
+        dev = examples(_read_e2e_csv(train_file, rows))
+        splits = {"train": [e for e in dev if _hex_tail(e.id) not in "01"],
+                  "validation": [e for e in dev if _hex_tail(e.id) in "01"]}
+    splits["test"] = examples(_read_e2e_csv(test_file, rows))
+    return TaskData("e2e-cleaned" if cleaned else "e2e", splits, rows.skipped)
+
+
+# ---- WebNLG 2017 -------------------------------------------------------------------------------
+def load_webnlg(folder: Path, skip_bad_rows: bool = False) -> TaskData:
+    path = folder / "dev.json"
+    data = _load_json(path)
+    rows = _Rows(skip_bad_rows)
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise TaskDataError(f"{path}: expected {{\"entries\": [...]}} as in the WebNLG 2017 JSON release")
+    splits = {s: [] for s in SPLITS}
+    for i, wrapper in enumerate(entries):
+        if not isinstance(wrapper, dict) or len(wrapper) != 1:
+            rows.bad(f"{path}: entry {i}", "entries[i]", "must be an object {\"<id>\": {...}}")
+            continue
+        (eid, entry), = wrapper.items()
+        where = f"{path}: entry {i} (id {eid})"
+        triples = entry.get("modifiedtripleset")
+        if not isinstance(triples, list) or not triples or not all(
+            isinstance(t, dict) and {"subject", "property", "object"} <= set(t) for t in triples
+        ):
+            rows.bad(where, "modifiedtripleset", "must be a non-empty list of {subject, property, object}")
+            continue
+        refs = [lx.get("lex", "").strip() for lx in entry.get("lexicalisations") or [] if isinstance(lx, dict)]
+        refs = [r for r in refs if r]
+        if not refs:
+            rows.bad(where, "lexicalisations", "has no non-empty 'lex'")
+            continue
+        source = " | ".join(f"{_clean(t['subject'])} : {_clean(t['property'])} : {_clean(t['object'])}" for t in triples)
+        splits[_split_of(str(eid))].append(Example(id=str(eid), source=source, refs=refs))
+    return TaskData("webnlg", splits, rows.skipped)
+
+
+# ---- DART --------------------------------------------------------------------------------------
+def load_dart(folder: Path, skip_bad_rows: bool = False) -> TaskData:
+    path = folder / "dart-v1.1.1-full-dev.json"
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise TaskDataError(f"{path}: expected a JSON list of {{tripleset, annotations}} as in DART v1.1.1")
+    rows = _Rows(skip_bad_rows)
+    splits = {s: [] for s in SPLITS}
+    for i, ex in enumerate(data):
+        where = f"{path}: example {i}"
+        triples = ex.get("tripleset") if isinstance(ex, dict) else None
+        if not isinstance(triples, list) or not triples or not all(isinstance(t, list) and len(t) == 3 for t in triples):
+            rows.bad(where, "tripleset", "must be a non-empty list of [subject, property, object]")
+            continue
+        refs = [a.get("text", "").strip() for a in ex.get("annotations") or [] if isinstance(a, dict)]
+        refs = [r for r in refs if r]
+        if not refs:
+            rows.bad(where, "annotations", "has no non-empty 'text'")
+            continue
+        source = " | ".join(f"{_clean(s)} : {_clean(p)} : {_clean(o)}" for s, p, o in triples)
+        splits[_split_of(str(i))].append(Example(id=str(i), source=source, refs=refs))
+    return TaskData("dart", splits, rows.skipped)
+
+
+# ---- generic JSONL -----------------------------------------------------------------------------
+def load_jsonl(folder: Path, skip_bad_rows: bool = False) -> TaskData:
+    """``train.jsonl``, ``validation.jsonl`` (or ``val.jsonl``), ``test.jsonl`` with rows
+    ``{"source": ..., "target": ...}``; rows sharing a source are one example with several refs."""
+    rows = _Rows(skip_bad_rows)
+    splits = {}
+    for split in SPLITS:
+        names = [f"{split}.jsonl"] + (["val.jsonl", "dev.jsonl"] if split == "validation" else [])
+        path = next((folder / n for n in names if (folder / n).is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"{folder}: no {names[0]}; a JSONL task needs train.jsonl, validation.jsonl and test.jsonl")
+        grouped: OrderedDict[str, list[str]] = OrderedDict()
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                rows.bad(where, "(line)", f"is not valid JSON ({e.msg})")
+                continue
+            ok = True
+            for key in ("source", "target"):
+                if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key].strip():
+                    rows.bad(where, key, "is missing or not a non-empty string")
+                    ok = False
+                    break
+            if ok:
+                grouped.setdefault(row["source"].strip(), []).append(row["target"].strip())
+        splits[split] = [Example(id=f"{split}-{i}", source=s, refs=r) for i, (s, r) in enumerate(grouped.items())]
+    return TaskData("jsonl", splits, rows.skipped)
+
+
+def _load_json(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pass --data-dir pointing at the task's folder")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TaskDataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+TASKS = {
+    "e2e": ("e2e", load_e2e),
+    "e2e-cleaned": ("e2e-cleaned", lambda f, skip: load_e2e(f, skip, cleaned=True)),
+    "webnlg": ("webnlg2017", load_webnlg),
+    "dart": ("dart", load_dart),
+    "jsonl": (None, load_jsonl),
+}
+
+
+def load_task(name: str, data_dir: str | os.PathLike | None = None, skip_bad_rows: bool = False) -> TaskData:
+    """Load a task's splits from ``data_dir`` (default: its folder in the shared data)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    default_folder, loader = TASKS[name]
+    if data_dir is None:
+        if default_folder is None:
+            raise ValueError("task 'jsonl' needs --data-dir: a folder with train.jsonl, validation.jsonl, test.jsonl")
+        data_dir = data_root() / default_folder
+    task = loader(Path(data_dir), skip_bad_rows)
+    if task.skipped:
+        log.warning("%s: skipped %d malformed rows", name, task.skipped)
+    for split, examples in task.splits.items():
+        if not examples:
+            raise TaskDataError(f"task {name}: split {split!r} is empty in {data_dir}")
+    return task

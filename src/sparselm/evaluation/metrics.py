@@ -1,0 +1,230 @@
+"""Corpus-level NLG metrics, computed the way each task's official scorer computes them.
+
+- E2E (tuetschek/e2e-metrics): BLEU and NIST from NIST's ``mteval-v13a.pl`` (lower-cased, its own
+  tokenisation, references padded with empty strings to the largest reference count, one
+  document), ported here because no maintained package implements NIST; METEOR 1.5, ROUGE-L and
+  CIDEr(-D) from ``pycocoevalcap`` after its PTB tokenisation, as the E2E scorer runs them.
+- WebNLG / DART: BLEU and TER from ``sacrebleu`` (13a tokenisation, cased) and METEOR 1.5.
+
+BLEU, METEOR, ROUGE-L and TER are reported in 0-100 (the papers' tables); NIST and CIDEr as is.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+
+# ---- mteval-v13a port ------------------------------------------------------------------------
+_PUNCT = re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])")
+_PERIOD_COMMA_AFTER = re.compile(r"([^0-9])([\.,])")
+_PERIOD_COMMA_BEFORE = re.compile(r"([\.,])([^0-9])")
+_DASH_AFTER_DIGIT = re.compile(r"([0-9])(-)")
+_SPACES = re.compile(r"\s+")
+
+
+def mteval_tokenize(text: str, preserve_case: bool = False) -> list[str]:
+    """``tokenization`` of mteval-v13a.pl (its default, non-international rules)."""
+    t = text.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    t = t.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    t = f" {t} "
+    if not preserve_case:
+        t = t.translate(str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz"))
+    t = _PUNCT.sub(r" \1 ", t)
+    t = _PERIOD_COMMA_AFTER.sub(r"\1 \2 ", t)
+    t = _PERIOD_COMMA_BEFORE.sub(r" \1 \2", t)
+    t = _DASH_AFTER_DIGIT.sub(r"\1 \2 ", t)
+    return _SPACES.sub(" ", t).strip().split()
+
+
+def _ngrams(words: list[str], max_n: int) -> Counter:
+    c: Counter = Counter()
+    for i in range(len(words)):
+        for n in range(1, min(max_n, len(words) - i) + 1):
+            c[tuple(words[i : i + n])] += 1
+    return c
+
+
+def _closest(current: int, ref_len: int, hyp_len: int) -> int:
+    """brevity_penalty_closest: nearest reference length, the shorter one on ties."""
+    if abs(hyp_len - ref_len) < abs(hyp_len - current):
+        return ref_len
+    if abs(hyp_len - ref_len) == abs(hyp_len - current) and current > ref_len:
+        return ref_len
+    return current
+
+
+def _nist_length_penalty(ratio: float) -> float:
+    if ratio >= 1:
+        return 1.0
+    if ratio <= 0:
+        return 0.0
+    beta = -math.log(0.5) / math.log(1.5) / math.log(1.5)
+    return math.exp(-beta * math.log(ratio) ** 2)
+
+
+def mteval_bleu_nist(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
+    """System-level BLEU (0-100) and NIST of mteval-v13a, references padded as the E2E scorer does."""
+    _check_lengths(hyps, refs)
+    max_n = 9
+    n_sys = max(len(r) for r in refs)
+    padded = [list(r) + [""] * (n_sys - len(r)) for r in refs]
+    tok_refs = [[mteval_tokenize(r) for r in rs] for rs in padded]
+    tok_hyps = [mteval_tokenize(h) for h in hyps]
+
+    # information weights from all reference n-grams (compute_ngram_info)
+    counts: Counter = Counter()
+    total_words = 0
+    for rs in tok_refs:
+        for r in rs:
+            total_words += len(r)
+            counts.update(_ngrams(r, max_n))
+    info = {}
+    for g, c in counts.items():
+        denom = counts[g[:-1]] if len(g) > 1 else total_words
+        info[g] = -math.log(c / denom) / math.log(2)
+
+    ref_len_total = 0
+    match = [0] * (max_n + 1)
+    tst = [0] * (max_n + 1)
+    ref_cnt1 = 0
+    tst_info = [0.0] * (max_n + 1)
+    for hyp, rs in zip(tok_hyps, tok_refs):
+        hyp_ngrams = _ngrams(hyp, max_n)
+        for n in range(1, max_n + 1):
+            tst[n] += max(0, len(hyp) - n + 1)
+        ref_max: dict = {}
+        ref_len = None
+        for r in rs:
+            for g, c in _ngrams(r, max_n).items():
+                ref_max[g] = max(ref_max.get(g, 0), c)
+            ref_cnt1 += len(r)
+            ref_len = len(r) if ref_len is None else _closest(ref_len, len(r), len(hyp))
+        ref_len_total += ref_len
+        for g, c in hyp_ngrams.items():
+            if g in ref_max:
+                m = min(c, ref_max[g])
+                match[len(g)] += m
+                tst_info[len(g)] += info[g] * m
+
+    # bleu_score (with mteval's smoothing, a no-op unless some n-gram order has no match)
+    bleu = 0.0
+    if tst[1] > 0:
+        bp = math.exp(min(0.0, 1.0 - ref_len_total / tst[1]))
+        log_sum, smooth = 0.0, 1
+        for n in range(1, 5):
+            if tst[n] == 0:
+                iscore = 0.0
+            elif match[n] == 0:
+                smooth *= 2
+                iscore = math.log(1.0 / (smooth * tst[n]))
+            else:
+                iscore = math.log(match[n] / tst[n])
+            log_sum += iscore
+        bleu = math.exp(log_sum / 4) * bp
+    # nist_score over 1..5-grams
+    nist = sum(tst_info[n] / max(tst[n], 1) for n in range(1, 6))
+    nist *= _nist_length_penalty(tst[1] / (ref_cnt1 / n_sys)) if ref_cnt1 else 0.0
+    return {"bleu": 100.0 * bleu, "nist": nist}
+
+
+# ---- pycocoevalcap: METEOR 1.5, ROUGE-L, CIDEr -------------------------------------------------
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def coco_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], metrics=("meteor", "rouge_l", "cider"),
+                tokenize: bool = True) -> dict[str, float]:
+    """METEOR (0-100), ROUGE-L (0-100) and CIDEr as the E2E scorer's COCO evaluator computes them.
+    Needs Java (METEOR and the PTB tokenizer are Java programs shipped in pycocoevalcap)."""
+    _check_lengths(hyps, refs)
+    if not java_available():
+        raise RuntimeError("METEOR and the PTB tokenizer need Java: install a JRE (e.g. apt-get install default-jre-headless)")
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    gts = {i: [{"caption": r} for r in rs] for i, rs in enumerate(refs)}
+    res = {i: [{"caption": h}] for i, h in enumerate(hyps)}
+    if tokenize:
+        tok = PTBTokenizer()
+        gts, res = tok.tokenize(gts), tok.tokenize(res)
+    else:
+        gts = {i: [c["caption"] for c in v] for i, v in gts.items()}
+        res = {i: [c["caption"] for c in v] for i, v in res.items()}
+    out = {}
+    if "meteor" in metrics:
+        scorer = Meteor()
+        try:
+            out["meteor"] = 100.0 * float(scorer.compute_score(gts, res)[0])
+        finally:
+            _close_meteor(scorer)
+    if "rouge_l" in metrics:
+        out["rouge_l"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
+    if "cider" in metrics:
+        out["cider"] = float(Cider().compute_score(gts, res)[0])
+    return out
+
+
+def _close_meteor(scorer) -> None:
+    proc = getattr(scorer, "meteor_p", None)
+    if proc is not None and proc.poll() is None:
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except Exception:
+                pass
+        proc.kill()
+        proc.wait()
+
+
+# ---- sacrebleu: BLEU, TER --------------------------------------------------------------------
+def _ref_streams(refs: Sequence[Sequence[str]]) -> list[list[str | None]]:
+    n = max(len(r) for r in refs)
+    return [[rs[k] if k < len(rs) else None for rs in refs] for k in range(n)]
+
+
+def sacrebleu_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
+    """BLEU and TER (both 0-100) with sacrebleu's defaults (13a tokenisation, cased)."""
+    _check_lengths(hyps, refs)
+    from sacrebleu.metrics import BLEU, TER
+
+    streams = _ref_streams(refs)
+    return {"bleu": float(BLEU().corpus_score(list(hyps), streams).score),
+            "ter": float(TER().corpus_score(list(hyps), streams).score)}
+
+
+# ---- per task ----------------------------------------------------------------------------------
+TASK_METRICS = {
+    "e2e": ("bleu", "nist", "meteor", "rouge_l", "cider"),
+    "e2e-cleaned": ("bleu", "nist", "meteor", "rouge_l", "cider"),
+    "webnlg": ("bleu", "meteor", "ter"),
+    "dart": ("bleu", "meteor", "ter"),
+    "jsonl": ("bleu", "meteor", "rouge_l", "ter"),
+}
+
+
+def score(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
+    """The task's metrics, computed as its official scorer does."""
+    wanted = TASK_METRICS.get(task, TASK_METRICS["jsonl"])
+    out: dict[str, float] = {}
+    if task.startswith("e2e"):
+        out.update(mteval_bleu_nist(hyps, refs))
+    else:
+        out.update(sacrebleu_scores(hyps, refs))
+    coco = [m for m in ("meteor", "rouge_l", "cider") if m in wanted]
+    if coco:
+        out.update(coco_scores(hyps, refs, coco))
+    return {k: out[k] for k in wanted}
+
+
+def _check_lengths(hyps, refs) -> None:
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} reference sets")
+    if not hyps:
+        raise ValueError("nothing to score: no hypotheses")
+    if any(len(r) == 0 for r in refs):
+        raise ValueError("every hypothesis needs at least one reference")

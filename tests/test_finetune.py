@@ -1,0 +1,87 @@
+"""Fine-tuning modes, label masking, and deterministic evaluation."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparselm.evaluation.evaluate import evaluate
+from sparselm.evaluation.generate import DecodingConfig
+from sparselm.models.loss import collate, encode_pairs, target_loss
+from sparselm.models.runs import load_run
+from sparselm.training import FinetuneConfig, finetune
+
+
+def test_labels_mask_the_prompt(sparse_run):
+    model, tok, _, _ = load_run(sparse_run)
+    (ids, labels), = encode_pairs(tok, [("name[Aromi], food[French] ||", " Aromi serves French food.")], 128)
+    n_prompt = len(tok("name[Aromi], food[French] ||").input_ids)
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
+    # the loss is the mean cross-entropy over target positions only
+    x, y, m = collate([(ids, labels)], tok.eos_token_id)
+    logits = model(input_ids=x, attention_mask=m).logits[0, :-1]
+    targets = torch.tensor(ids[1:])
+    per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    want = per_token[n_prompt - 1 :].mean()
+    assert target_loss(model, x, y, m).item() == pytest.approx(want.item(), rel=1e-5)
+    assert not torch.isclose(per_token.mean(), want)  # prompt tokens would change it
+
+
+def run_ft(sparse_run, tmp_path, mode, **kw):
+    cfg = FinetuneConfig(from_run=str(sparse_run), task="e2e", mode=mode, out=str(tmp_path / mode), max_steps=12,
+                         batch_size=8, limit_train=96, val_limit=16, eval_every=6, ckpt_every=6, lr=3e-3, **kw)
+    return finetune(cfg, progress=False, log=lambda *_: None), tmp_path / mode
+
+
+def test_dense_mode_updates_formerly_zero_weights(sparse_run, tmp_path):
+    masks = load_file(str(sparse_run / "masks.safetensors"))
+    summary, out = run_ft(sparse_run, tmp_path, "dense")
+    weights = load_file(str(out / "model.safetensors"))
+    revived = sum(int(torch.count_nonzero(weights[k][~m])) for k, m in masks.items())
+    assert revived > 0.9 * sum(int((~m).sum()) for m in masks.values())
+    assert summary["formerly_zero_weights_now_nonzero"] == revived
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    assert summary["source_sparsity"] == pytest.approx(0.5, abs=1e-3) and summary["pretrain_flops"] > 0
+    assert not (out / "masks.safetensors").exists()
+
+
+def test_sparse_mode_keeps_them_zero(sparse_run, tmp_path):
+    masks = load_file(str(sparse_run / "masks.safetensors"))
+    summary, out = run_ft(sparse_run, tmp_path, "sparse")
+    weights = load_file(str(out / "model.safetensors"))
+    for k, m in masks.items():
+        assert torch.count_nonzero(weights[k][~m]) == 0
+    assert torch.equal(load_file(str(out / "masks.safetensors"))[next(iter(masks))], next(iter(masks.values())))
+    dense_summary, _ = run_ft(sparse_run, tmp_path / "d", "dense")
+    assert summary["finetune_flops"] < dense_summary["finetune_flops"]  # sparse fine-tuning costs less
+
+
+@pytest.mark.slow
+def test_lora_mode_trains_adapters_on_a_frozen_sparse_base(sparse_run, tmp_path):
+    summary, out = run_ft(sparse_run, tmp_path, "lora")
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+
+
+def test_evaluate_is_deterministic_and_resume_refused(sparse_run, tmp_path):
+    _, out = run_ft(sparse_run, tmp_path, "dense")
+    dec = DecodingConfig(num_beams=3, max_new_tokens=16, batch_size=4)
+    a = evaluate(out, "e2e", "test", limit=6, decoding=dec, progress=False)
+    hyps_a = (out / "eval" / "e2e-test.hyp.txt").read_text()
+    b = evaluate(out, "e2e", "test", limit=6, decoding=dec, progress=False)
+    assert a["metrics"] == b["metrics"] and hyps_a == (out / "eval" / "e2e-test.hyp.txt").read_text()
+    assert set(a["metrics"]) == {"bleu", "nist", "meteor", "rouge_l", "cider", "val_ppl"}
+    assert len(hyps_a.splitlines()) == 6
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["e2e-test"] == a["metrics"]
+    with pytest.raises(FileExistsError):
+        run_ft(sparse_run, tmp_path, "dense")
+
+
+def test_bad_inputs(sparse_run, tmp_path):
+    with pytest.raises(ValueError, match="unknown fine-tuning mode"):
+        FinetuneConfig(from_run="x", mode="half")
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        finetune(FinetuneConfig(from_run=str(tmp_path), out=str(tmp_path / "o")), progress=False)
