@@ -48,7 +48,7 @@ def test_gmp_starts_dense_reaches_target_exactly_at_end():
         seen[step] = sp.report()["measured"]
     assert all(seen[s] == 0.0 for s in range(25))  # not before start
     assert 0 < seen[50] < 0.8 and seen[60] > seen[50]
-    assert all(seen[s] < 0.8 - 1e-3 for s in range(74))
+    assert all(seen[s] < 0.8 for s in range(75))  # strictly below target until the end step
     assert seen[75] == pytest.approx(0.8, abs=1e-3) and seen[99] == seen[75]
     # exact per layer at the end
     for name, m in sp.masks.items():
@@ -69,12 +69,13 @@ def test_set_rigl_keep_per_layer_density_and_move_the_mask(cls):
 
 def test_rigl_regrows_where_the_gradient_is_largest():
     layer = nn.Linear(4, 4, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(torch.arange(1.0, 17.0).view(4, 4))
     opt = torch.optim.SGD(layer.parameters(), lr=0.0)
     sp = RigL(0.5, total_steps=100, update_every=10, drop_fraction=0.5, end=1.0).attach(layer, opt)
-    # a hand-made mask: keep the 8 largest weights (rows 2-3)
-    sp.load_state_dict({"weight": torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)})
+    # a hand-made mask keeping rows 2-3, and weights 1..16 on the kept positions
+    mask = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    sp.load_state_dict({"weight": mask})
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(1.0, 17.0).view(4, 4) * mask)
     grad = torch.zeros(4, 4)
     grad[0, 0], grad[1, 3] = 5.0, -7.0  # the two largest dense-gradient entries, both pruned
     layer.weight.grad = grad.clone()

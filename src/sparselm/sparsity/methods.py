@@ -200,12 +200,14 @@ class Sparsifier:
 
     @torch.no_grad()
     def _reset_changed(self, old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> None:
-        """Pruned and newly grown weights are set to zero with zeroed optimizer moments."""
+        """Pruned and newly grown weights are set to zero, with zeroed gradients and optimizer moments."""
         for t in self.targets:
             changed = old[t.name] ^ new[t.name]
             if not bool(changed.any()):
                 continue
             t.param.masked_fill_(changed, 0.0)
+            if t.param.grad is not None:
+                t.param.grad.masked_fill_(changed, 0.0)
             state = self.optimizer.state.get(t.param, {}) if self.optimizer is not None else {}
             for value in state.values():
                 if torch.is_tensor(value) and value.shape == t.param.shape:
