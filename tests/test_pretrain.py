@@ -48,8 +48,17 @@ def test_sparse_run_directory_and_summary(micro_config, tmp_path):
         pretrain(cfg, progress=False, log=lambda *_: None)
 
 
-def test_resume_after_crash_equals_uninterrupted(micro_config, tmp_path, monkeypatch):
-    full = micro_config(sparsity=0.5, out=str(tmp_path / "full"))
+METHOD_OPTIONS = {
+    "static": {},
+    "gmp": dict(sparsity_start=0.2, sparsity_end=0.8, update_every=3),
+    "rigl": dict(update_every=3, sparsity_end=0.9),
+}
+
+
+@pytest.mark.parametrize("method", ["static", "gmp", "rigl"])
+def test_resume_after_crash_equals_uninterrupted(micro_config, tmp_path, monkeypatch, method):
+    opts = dict(sparsity=0.5, method=method, **METHOD_OPTIONS[method])
+    full = micro_config(out=str(tmp_path / "full"), **opts)
     pretrain(full, progress=False, log=lambda *_: None)
 
     real_save = pretrain_module.save_checkpoint
@@ -60,7 +69,7 @@ def test_resume_after_crash_equals_uninterrupted(micro_config, tmp_path, monkeyp
             raise RuntimeError("simulated crash")
         return path
 
-    crashed = micro_config(sparsity=0.5, out=str(tmp_path / "crashed"))
+    crashed = micro_config(out=str(tmp_path / "crashed"), **opts)
     monkeypatch.setattr(pretrain_module, "save_checkpoint", crash_after_first_checkpoint)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain(crashed, progress=False, log=lambda *_: None)
@@ -124,3 +133,34 @@ def test_cli_end_to_end(small_corpus, cache_dir, tmp_path, capsys, monkeypatch):
     assert "unknown preset 'nope'" in capsys.readouterr().err
     assert main(["pretrain", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["gmp", "rigl"])
+def test_flops_integrate_the_schedule(micro_config, method):
+    """Training FLOPs equal a hand-computed sum over steps of the density in use at each step."""
+    from sparselm.sparsity.masks import n_zeros
+    from sparselm.sparsity.schedules import cubic
+
+    cfg = micro_config(sparsity=0.75, method=method, max_steps=30, **METHOD_OPTIONS[method])
+    summary = pretrain(cfg, progress=False, log=lambda *_: None)
+    shape = cfg.shape()
+    d, ff = shape.n_embd, shape.n_inner
+    sizes = [d * 3 * d, d * d, d * ff, ff * d] * shape.n_layer
+    tokens = cfg.batch_size * shape.block_size
+    start, end = round(0.2 * 30), round(0.8 * 30)
+    expected, sparsity_now, params = 0.0, 0.0 if method == "gmp" else 0.75, []
+    for step in range(30):
+        zeros = [n_zeros(n, sparsity_now) for n in sizes]
+        dens = {f"transformer.h.{i // 4}.{k}": 1 - z / n for i, (z, n, k) in
+                enumerate(zip(zeros, sizes, ["attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"] * shape.n_layer))}
+        rigl_update = method == "rigl" and 0 < step < 27 and step % 3 == 0
+        expected += tokens * flops.train_flops_per_token(shape, dens, dense_weight_grad=rigl_update)
+        params.append(summary["n_params"] - sum(zeros))
+        if method == "gmp" and start <= step <= end and ((step - start) % 3 == 0 or step == end):
+            sparsity_now = cubic(step, 0.75, start, end)  # the new mask is used from the next step
+    assert summary["train_flops"] == pytest.approx(expected, rel=1e-9)
+    assert summary["average_param_count"] == pytest.approx(sum(params) / 30, rel=1e-9)
+    assert summary["final_param_count"] == summary["n_params"] - sum(n_zeros(n, 0.75) for n in sizes)
+    if method == "gmp":  # a dense start costs more than static sparsity at the same final sparsity
+        static = flops.train_flops_per_token(shape, 0.25) * tokens * 30
+        assert summary["train_flops"] > static

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -122,6 +123,46 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from ..experiments import load_spec
+    from ..experiments.runner import dry_run, run
+
+    spec = load_spec(args.spec)
+    out = args.out or f"runs/{spec.name}"
+    if args.dry_run:
+        print(dry_run(spec, Path(out), args.device))
+        return 0
+    print(f"reproduce {spec.name}: {spec.description}".rstrip(": "))
+    print(dry_run(spec, Path(out), args.device))
+    run(spec, out, device=args.device, progress=not args.no_progress)
+    print(f"report: {out}/report.md (and report.html, plots/*.png); results: {out}/results.csv")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..experiments.report import report_from_dir
+
+    path = report_from_dir(args.run_dir)
+    print(f"wrote {path} and {path.with_suffix('.html')}")
+    return 0
+
+
+def cmd_scaling_fit(args) -> int:
+    import json as _json
+
+    from ..experiments import scaling
+
+    points = scaling.load_points(args.runs)
+    result = scaling.fit(points)
+    print(scaling.report(points, result))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling_fit.json").write_text(_json.dumps(scaling.to_json(points, result), indent=2))
+    scaling.plot(points, result, out / "scaling_fit.png")
+    print(f"-> {out}/scaling_fit.json, {out}/scaling_fit.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparselm", description="Sparse pre-training and dense fine-tuning of GPT models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +211,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("reproduce", help="run the SPDF grid of a spec and write a report (resumable)")
+    p.add_argument("--spec", default="cpu-demo", help="built-in spec (cpu-demo, cpu-full, gpu-small, paper-gpt2-small, "
+                                                      "paper-gpt3-xl) or a YAML file (default cpu-demo)")
+    p.add_argument("--out", help="output directory (default runs/<spec name>)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan with FLOPs and an ETA, run nothing")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("scaling", help="scaling-law analysis of finished runs")
+    ssub = p.add_subparsers(dest="scaling_command", required=True)
+    f = ssub.add_parser("fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta (N = average non-zero params)")
+    f.add_argument("runs", nargs="+", help="pre-training run directories and/or grid directories (results.json)")
+    f.add_argument("--out", default=".", help="where to write scaling_fit.json and scaling_fit.png")
+    f.set_defaults(func=cmd_scaling_fit)
+
+    p = sub.add_parser("report", help="regenerate report.md/.html and plots from a grid's results.json")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -180,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
         if os.environ.get("SPARSELM_DEBUG"):
             raise
         print(f"sparselm {args.command}: error: {e}", file=sys.stderr)

@@ -11,9 +11,12 @@ BLEU, METEOR, ROUGE-L and TER are reported in 0-100 (the papers' tables); NIST a
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Sequence
 
@@ -151,7 +154,8 @@ def coco_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], metrics=("me
     res = {i: [{"caption": h}] for i, h in enumerate(hyps)}
     if tokenize:
         tok = PTBTokenizer()
-        gts, res = tok.tokenize(gts), tok.tokenize(res)
+        with _stderr_to_devnull():  # the Java tokenizer reports its speed on stderr
+            gts, res = tok.tokenize(gts), tok.tokenize(res)
     else:
         gts = {i: [c["caption"] for c in v] for i, v in gts.items()}
         res = {i: [c["caption"] for c in v] for i, v in res.items()}
@@ -167,6 +171,20 @@ def coco_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], metrics=("me
     if "cider" in metrics:
         out["cider"] = float(Cider().compute_score(gts, res)[0])
     return out
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _close_meteor(scorer) -> None:

@@ -63,3 +63,15 @@ def load_checkpoint(path: Path, model, optimizer, map_location="cpu") -> tuple[d
     masks = load_file(str(path / "masks.safetensors")) if (path / "masks.safetensors").exists() else None
     state = json.loads((path / "trainer_state.json").read_text())
     return masks, state
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after ``step`` (written after the checkpoint a resume starts from),
+    so a resumed run's log has each step once."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

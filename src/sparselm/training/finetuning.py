@@ -24,7 +24,7 @@ from ..models.loss import collate, encode_pairs, target_loss, validation_loss
 from ..models.runs import load_run
 from ..sparsity import Static
 from . import distributed
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from .optim import adamw, linear_lr
 from .pretraining import RunExistsError
 
@@ -123,7 +123,10 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
     state = {"step": 0, "tokens_seen": 0, "finetune_flops": 0.0, "wall_time_s": 0.0, "initial_val_loss": None}
     if checkpoint is not None:
         _, state = load_checkpoint(checkpoint, model, optimizer, map_location=device)
+        truncate_metrics(out / "metrics.jsonl", state["step"])
         log(f"resumed from {checkpoint} at step {state['step']}")
+    elif resume:
+        truncate_metrics(out / "metrics.jsonl", 0)
     out.mkdir(parents=True, exist_ok=True)
     (out / "finetune_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     if state["initial_val_loss"] is None:

@@ -21,7 +21,7 @@ from ..data.tokenizer import save_hf_tokenizer
 from ..models import build_model
 from ..sparsity import make_sparsifier, parse_n_m
 from . import distributed
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from .config import RESUMABLE_CHANGES, PretrainConfig
 from .optim import adamw, cosine_lr
 
@@ -117,9 +117,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True, l
         masks, state = load_checkpoint(checkpoint, model, optimizer, map_location=device)
         if sparsifier is not None:
             sparsifier.load_state_dict(masks)
+        truncate_metrics(out / "metrics.jsonl", state["step"])
         log(f"resumed from {checkpoint} at step {state['step']}")
-    elif resume:
-        log(f"no checkpoint in {out}; starting a new run")
+    elif resume and (out / "metrics.jsonl").exists():
+        truncate_metrics(out / "metrics.jsonl", 0)  # rows of an attempt killed before its first checkpoint
+        log(f"no checkpoint in {out}; starting the run again")
 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,156 @@
+"""Experiment specs, the resumable grid runner, and reports from stored results."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from sparselm.experiments import SpecError, builtin_specs, load_spec
+from sparselm.experiments.report import report_from_dir, write_report
+from sparselm.experiments.runner import dry_run, plan
+
+
+def test_builtin_specs_validate_and_dry_run(tmp_path):
+    assert set(builtin_specs()) >= {"cpu-demo", "cpu-full", "gpu-small", "paper-gpt2-small", "paper-gpt3-xl"}
+    for name in builtin_specs():
+        spec = load_spec(name)
+        text = dry_run(spec, tmp_path / name, device="cuda" if name.startswith(("gpu", "paper")) else "cpu")
+        assert "estimated time left" in text
+    xl = dry_run(load_spec("paper-gpt3-xl"), tmp_path / "xl", device="cuda")
+    assert "s75-static-seed1337" in xl and "9.457e+19" in xl  # 26B tokens x 3 x 1.213e9 sparse FLOPs/token
+
+
+def test_plan_skips_redundant_cells(tmp_path):
+    spec = load_spec("cpu-demo")
+    pre, fine = plan(spec, tmp_path)
+    assert [c.name for c in pre] == ["s00-dense-seed1337", "s50-static-seed1337", "s75-static-seed1337"]
+    assert len(fine) == 5  # no sparse fine-tuning of the dense model
+    assert not any(c.pretrain.sparsity == 0 and c.mode == "sparse" for c in fine)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"preset": "gpt5"}, "preset: unknown 'gpt5'"),
+    ({"tasks": ["e2e", "squad"]}, r"tasks: unknown \['squad'\]"),
+    ({"modes": ["half"]}, r"modes: unknown \['half'\]"),
+    ({"methods": ["magic"]}, r"methods: unknown \['magic'\]"),
+    ({"sparsities": [0.5, 1.2]}, "sparsities: 1.2 is not a fraction"),
+    ({"tokens": 100}, "less than one step"),
+    ({"pretrain": {"max_steps": 10, "warmup_steps": 50}}, "warmup_steps=50 must be below"),
+    ({"pretrain": {"sparsity": 0.5}}, "set it with the spec's top-level"),
+    ({"finetune": {"epochz": 3}}, r"finetune: unknown field\(s\) \['epochz'\]"),
+    ({"eval_limit": 0}, "eval_limit"),
+    ({"colour": "blue"}, r"unknown field\(s\) \['colour'\]"),
+])
+def test_spec_validation_errors(tmp_path, change, match):
+    data = yaml.safe_load(yaml.safe_dump(load_spec("cpu-demo").to_dict()))
+    data.update(change)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError, match=match):
+        load_spec(str(path))
+
+
+def test_unknown_spec_name():
+    with pytest.raises(SpecError, match="unknown spec 'nope'"):
+        load_spec("nope")
+
+
+def micro_spec(tmp_path, corpus) -> str:
+    spec = {
+        "name": "micro", "preset": "tiny", "corpus": str(corpus),
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 128, "vocab_size": 512},
+        "pretrain": {"max_steps": 40, "batch_size": 8, "warmup_steps": 4, "eval_every": 20, "ckpt_every": 10, "eval_batches": 2},
+        "sparsities": [0.0, 0.5], "tasks": ["e2e"], "modes": ["dense", "sparse"],
+        "finetune": {"max_steps": 6, "batch_size": 8, "limit_train": 48, "val_limit": 8, "eval_every": 6, "ckpt_every": 3},
+        "eval_limit": 4, "decoding": {"num_beams": 2, "max_new_tokens": 12},
+    }
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_sigkill_and_rerun_completes_without_redoing_finished_cells(tmp_path, small_corpus, cache_dir):
+    spec = micro_spec(tmp_path, small_corpus)
+    out = tmp_path / "grid"
+    env = dict(os.environ, SPARSELM_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "sparselm.cli.main", "reproduce", "--spec", spec, "--out", str(out), "--no-progress"]
+    first = out / "pretrain" / "s00-dense-seed1337" / "summary.json"
+    second_ckpt = out / "pretrain" / "s50-static-seed1337" / "checkpoint"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (first.exists() and second_ckpt.exists()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-way through the second pre-training cell
+    proc.wait()
+    assert first.exists() and not (out / "results.json").exists()
+    stamp = first.stat().st_mtime_ns
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pretrain s00-dense-seed1337: done, skipped" in done.stdout
+    assert "resumed from" in done.stdout or "starting the run again" in done.stdout
+    assert first.stat().st_mtime_ns == stamp  # the finished cell was not redone
+    results = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in results["rows"]] == ["done"] * 3
+    assert all(p["status"] == "done" for p in results["pretrain"])
+    # the resumed cell's log has each step once
+    steps = [json.loads(line)["step"] for line in (out / "pretrain" / "s50-static-seed1337" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+    for name in ("report.md", "report.html", "results.csv", "plots/pretrain_loss.png", "plots/bleu_vs_flops.png", "plots/finetune_gap.png"):
+        assert (out / name).exists(), name
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # all done: nothing runs
+    assert again.stdout.count("done, skipped") == 2 + 3
+
+
+def fake_results():
+    rows, pre = [], []
+    for s, bleu in ((0.0, 60.0), (0.5, 58.5), (0.75, 57.0)):
+        name = f"s{round(100 * s):02d}-{'dense' if s == 0 else 'static'}-seed1"
+        curve = [{"step": k, "tokens": 1000 * k, "train_flops": 1e9 * k * (1 - s / 2), "val_loss": 6 - k / 10 - (0.1 - s / 10)} for k in (1, 2, 3)]
+        pre.append({"cell": name, "sparsity": s, "method": "dense" if s == 0 else "static", "seed": 1, "status": "done",
+                    "val_loss": curve[-1]["val_loss"], "train_flops": 3e9 * (1 - s / 2), "dense_train_flops": 3e9,
+                    "average_param_count": 1e6 * (1 - s), "wall_time_s": 10.0, "curve": curve})
+        for mode in ("dense", "sparse"):
+            if s == 0 and mode == "sparse":
+                continue
+            rows.append({"cell": f"{name}/e2e-{mode}", "sparsity": s, "method": pre[-1]["method"], "seed": 1, "task": "e2e",
+                         "mode": mode, "status": "done", "pretrain_flops": 3e9 * (1 - s / 2), "finetune_flops": 1e8,
+                         "finetune_val_loss": 1.2, "bleu": bleu - (2.0 if mode == "sparse" else 0.0), "nist": 8.0,
+                         "meteor": 40.0, "rouge_l": 65.0, "cider": 2.0, "val_ppl": 3.3})
+    spec = load_spec("cpu-demo").to_dict()
+    spec.update(seeds=[1])
+    return {"spec": spec, "eval_split": "test", "pretrain": pre, "rows": rows}
+
+
+def test_report_from_a_stored_results_file(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps(fake_results()))
+    md = report_from_dir(tmp_path).read_text()
+    # the main table: each sparsity with dense and sparse fine-tuning, and the delta to the dense baseline
+    assert "| 50% static | 2.25e+09 | dense | 58.50 | -1.50 |" in md
+    assert "| 75% static | 1.88e+09 | sparse | 55.00 | -5.00 |" in md
+    assert "| dense | 3.00e+09 | dense | 60.00 |  |" in md
+    assert md.count("![") == 3
+    html = (tmp_path / "report.html").read_text()
+    assert "<table>" in html and html.count("<img") == 3
+    from PIL import Image
+
+    for png in ("pretrain_loss", "bleu_vs_flops", "finetune_gap"):
+        with Image.open(tmp_path / "plots" / f"{png}.png") as im:
+            assert im.size[0] >= 550 and im.size[1] >= 400  # one 5.5x4.5 inch panel at 110 dpi or more
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        report_from_dir(tmp_path / "nothing")
+
+
+def test_report_marks_incomplete_cells(tmp_path):
+    res = fake_results()
+    res["rows"][-1]["status"] = "failed"
+    write_report(res, tmp_path)
+    assert "Incomplete cells" in (tmp_path / "report.md").read_text()
