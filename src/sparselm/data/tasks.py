@@ -80,7 +80,17 @@ def _split_of(key: str) -> str:
 
 
 def _clean(text: str) -> str:
-    return " ".join(text.replace("_", " ").strip().strip('"').split())
+    return " ".join(str(text).replace("_", " ").strip().strip('"').split())
+
+
+def _linearise(triples) -> str:
+    """'subject : property : object | ...', underscores as spaces (the LoRA NLG preprocessing)."""
+    return " | ".join(f"{_clean(s)} : {_clean(p)} : {_clean(o)}" for s, p, o in triples)
+
+
+def _texts(items, key: str) -> list[str]:
+    """Non-empty ``key`` strings of a list of reference objects."""
+    return [t for t in ((x.get(key) or "").strip() for x in items or [] if isinstance(x, dict)) if t]
 
 
 # ---- E2E ---------------------------------------------------------------------------------------
@@ -149,12 +159,11 @@ def load_webnlg(folder: Path, skip_bad_rows: bool = False) -> TaskData:
         ):
             rows.bad(where, "modifiedtripleset", "must be a non-empty list of {subject, property, object}")
             continue
-        refs = [lx.get("lex", "").strip() for lx in entry.get("lexicalisations") or [] if isinstance(lx, dict)]
-        refs = [r for r in refs if r]
+        refs = _texts(entry.get("lexicalisations"), "lex")
         if not refs:
             rows.bad(where, "lexicalisations", "has no non-empty 'lex'")
             continue
-        source = " | ".join(f"{_clean(t['subject'])} : {_clean(t['property'])} : {_clean(t['object'])}" for t in triples)
+        source = _linearise((t["subject"], t["property"], t["object"]) for t in triples)
         splits[_split_of(str(eid))].append(Example(id=str(eid), source=source, refs=refs))
     return TaskData("webnlg", splits, rows.skipped)
 
@@ -173,12 +182,11 @@ def load_dart(folder: Path, skip_bad_rows: bool = False) -> TaskData:
         if not isinstance(triples, list) or not triples or not all(isinstance(t, list) and len(t) == 3 for t in triples):
             rows.bad(where, "tripleset", "must be a non-empty list of [subject, property, object]")
             continue
-        refs = [a.get("text", "").strip() for a in ex.get("annotations") or [] if isinstance(a, dict)]
-        refs = [r for r in refs if r]
+        refs = _texts(ex.get("annotations"), "text")
         if not refs:
             rows.bad(where, "annotations", "has no non-empty 'text'")
             continue
-        source = " | ".join(f"{_clean(s)} : {_clean(p)} : {_clean(o)}" for s, p, o in triples)
+        source = _linearise(triples)
         splits[_split_of(str(i))].append(Example(id=str(i), source=source, refs=refs))
     return TaskData("dart", splits, rows.skipped)
 

@@ -74,6 +74,21 @@ def _done(cell) -> bool:
     return summary.exists() and bool(json.loads(summary.read_text()).get("metrics"))
 
 
+def _planned_train_flops_per_token(cfg, shape, step: int) -> float:
+    """Training FLOPs per token the method will spend at ``step`` (uniform per-layer sparsity):
+    GMP follows its schedule from a dense start, RigL adds its dense-gradient update steps."""
+    from ..sparsity.schedules import SCHEDULES, fraction_to_step
+
+    sparsity = cfg.sparsity
+    if cfg.method == "gmp":
+        start, end = (fraction_to_step(x, cfg.max_steps) for x in (cfg.sparsity_start, cfg.sparsity_end))
+        updates = [t for t in range(start, min(step, end + 1)) if (t - start) % cfg.update_every == 0 or t == end]
+        sparsity = SCHEDULES[cfg.schedule](updates[-1], cfg.sparsity, start, end) if updates else 0.0
+    rigl_update = (cfg.method == "rigl" and cfg.sparsity > 0 and 0 < step < fraction_to_step(cfg.sparsity_end, cfg.max_steps)
+                   and step % cfg.update_every == 0)
+    return flops.train_flops_per_token(shape, 1.0 - sparsity, dense_weight_grad=rigl_update)
+
+
 def dry_run(spec: ExperimentSpec, out: Path, device: str = "auto") -> str:
     """The plan with FLOPs and an ETA, without running anything."""
     kind = "cuda" if device.startswith("cuda") else pick_device(device).type
@@ -86,9 +101,7 @@ def dry_run(spec: ExperimentSpec, out: Path, device: str = "auto") -> str:
         shape = cfg.shape()
         tokens = cfg.max_steps * cfg.tokens_per_step
         dense = tokens * flops.train_flops_per_token(shape, 1.0)
-        sparse = tokens * flops.train_flops_per_token(shape, 1.0 - cell.sparsity)
-        if cell.method == "gmp":  # dense until start, then ramps: bounded by dense
-            sparse = math.nan
+        sparse = cfg.tokens_per_step * sum(_planned_train_flops_per_token(cfg, shape, step) for step in range(cfg.max_steps))
         eta = dense / FLOPS_PER_S[kind]
         total_s += 0 if _done(cell) else eta
         lines.append(f"{cell.name:<34}{tokens:>10.3g}{sparse:>14.3e}{dense:>14.3e}{duration(eta):>9}  {'done' if _done(cell) else 'todo'}")

@@ -139,14 +139,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True, l
     tokens_per_step = cfg.tokens_per_step * dist.world_size
     dense_fpt = flops.train_flops_per_token(shape, 1.0)
 
-    def step_cost(step: int) -> tuple[float, float]:
-        """Training FLOPs per token at this step and non-zero parameter count."""
+    def mask_cost() -> tuple[float, float]:
+        """Training FLOPs per token under the current masks, and the non-zero parameter count
+        (recomputed only when masks move)."""
         if sparsifier is None:
             return dense_fpt, float(n_params)
-        dens = sparsifier.densities()
-        fpt = flops.train_flops_per_token(shape, dens, sparsifier.dense_gradient_step(step))
         pruned = sum(m.numel() - int(m.sum()) for m in sparsifier.masks.values())
-        return fpt, float(n_params - pruned)
+        return flops.train_flops_per_token(shape, sparsifier.densities()), float(n_params - pruned)
 
     metrics = open(out / "metrics.jsonl", "a") if dist.is_main else None
     def log_metrics(row: dict) -> None:
@@ -159,7 +158,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True, l
             masks = sparsifier.state_dict() if sparsifier is not None else None
             save_checkpoint(out, model, optimizer, masks, step_state)
 
-    cost = step_cost(state["step"])
+    cost = mask_cost()
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not (progress and dist.is_main), desc="pretrain", unit="step")
     t0, t_last, tok_last = time.time(), time.time(), state["tokens_seen"]
     wall0 = state["wall_time_s"]
@@ -170,7 +169,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True, l
             lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 x, y = get_batch(train_tokens, cfg.batch_size, shape.block_size, cfg.seed + 7919 * dist.rank,
                                  step * cfg.grad_accum + micro, device)
@@ -180,30 +179,32 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True, l
                         logits = train_model(input_ids=x).logits
                         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
                     (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach()
             if sparsifier is not None:
                 sparsifier.after_backward(step)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            cost = step_cost(step) if sparsifier is not None and sparsifier.dense_gradient_step(step) else cost
+            fpt, nonzero = cost
+            if sparsifier is not None and sparsifier.dense_gradient_step(step):  # RigL reads the dense gradient
+                fpt = flops.train_flops_per_token(shape, sparsifier.densities(), dense_weight_grad=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if sparsifier is not None:
                 moved = sparsifier.is_update_step(step)
                 sparsifier.after_step(step)
-            state["train_flops"] += cost[0] * tokens_per_step
+                if moved:
+                    cost = mask_cost()
+            state["train_flops"] += fpt * tokens_per_step
             state["dense_train_flops"] += dense_fpt * tokens_per_step
-            state["param_steps"] += cost[1]
-            if sparsifier is not None and moved:
-                cost = step_cost(step + 1)
+            state["param_steps"] += nonzero
             step += 1
             state["step"] = step
             state["tokens_seen"] += tokens_per_step
-            train_loss = distributed.all_reduce_mean(loss_sum / cfg.grad_accum, dist, device)
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training loss is {train_loss} at step {step}; lower --lr or check the data")
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                train_loss = distributed.all_reduce_mean(loss_sum.item() / cfg.grad_accum, dist, device)
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(f"training loss is {train_loss} at step {step}; lower --lr or check the data")
                 now = time.time()
                 tps = (state["tokens_seen"] - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, state["tokens_seen"]
@@ -217,7 +218,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True, l
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 val_loss = evaluate_loss(model, val_tokens, cfg.batch_size, shape.block_size, cfg.eval_batches, device, autocast)
                 log_metrics({"step": step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(val_loss), 3)})
-                bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+                bar.set_postfix(val=f"{val_loss:.3f}")
             state["wall_time_s"] = wall0 + time.time() - t0
             if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
                 save(dict(state))
@@ -248,7 +249,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True, l
         "train_flops": state["train_flops"],
         "dense_train_flops": state["dense_train_flops"],
         "flops_reduction": state["dense_train_flops"] / state["train_flops"] if state["train_flops"] else 1.0,
-        "final_param_count": int(step_cost(state["step"])[1]),
+        "final_param_count": int(mask_cost()[1]),
         "average_param_count": state["param_steps"] / max(1, state["step"]),
         "sparsity": sparsifier.report() if sparsifier is not None else {"method": "dense", "target": 0.0, "measured": 0.0, "layers": {}},
         "wall_time_s": state["wall_time_s"],
