@@ -15,7 +15,8 @@ from sparselm.training import FinetuneConfig, finetune
 
 def test_labels_mask_the_prompt(sparse_run):
     model, tok, _, _ = load_run(sparse_run)
-    (ids, labels), = encode_pairs(tok, [("name[Aromi], food[French] ||", " Aromi serves French food.")], 128)
+    ((ids, labels),), left_out = encode_pairs(tok, [("name[Aromi], food[French] ||", " Aromi serves French food.")], 128)
+    assert left_out == 0
     n_prompt = len(tok("name[Aromi], food[French] ||").input_ids)
     assert labels[:n_prompt] == [-100] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
@@ -78,6 +79,16 @@ def test_evaluate_is_deterministic_and_resume_refused(sparse_run, tmp_path):
     assert summary["metrics"]["e2e-test"] == a["metrics"]
     with pytest.raises(FileExistsError):
         run_ft(sparse_run, tmp_path, "dense")
+
+
+def test_prompts_too_long_for_the_context_are_counted_not_hidden(sparse_run):
+    _, tok, _, _ = load_run(sparse_run)
+    long_prompt = "Aarhus : leader : Jacob Bundsgaard | " * 20 + "||"
+    pairs = [(long_prompt, " x"), ("name[A] ||", " A.")]
+    with pytest.raises(ValueError, match="leaves no room in the context of 128"):
+        encode_pairs(tok, pairs, 128)
+    kept, left_out = encode_pairs(tok, pairs, 128, skip_too_long=True)
+    assert len(kept) == 1 and left_out == 1
 
 
 def test_bad_inputs(sparse_run, tmp_path):

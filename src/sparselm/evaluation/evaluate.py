@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -12,6 +13,8 @@ from ..models.loss import encode_pairs, validation_loss
 from ..models.runs import load_run
 from .generate import DecodingConfig, generate
 from .metrics import score
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(model_dir: str | Path, task: str = "e2e", split: str = "test", limit: int | None = None,
@@ -40,8 +43,14 @@ def evaluate(model_dir: str | Path, task: str = "e2e", split: str = "test", limi
         "metrics": score(task, hyps, [e.refs for e in examples]),
         "generation_time_s": gen_time,
     }
-    val = encode_pairs(tok, data.pairs("validation")[:val_limit], model.config.n_positions)
+    val, long_val = encode_pairs(tok, data.pairs("validation")[:val_limit], model.config.n_positions, skip_too_long=True)
     result["metrics"]["val_ppl"] = math.exp(validation_loss(model, val, decoding.batch_size, tok.eos_token_id, device))
+    max_prompt = model.config.n_positions - decoding.max_new_tokens
+    result["prompts_truncated"] = sum(len(tok(e.prompt).input_ids) > max_prompt for e in examples)
+    result["val_pairs_left_out_too_long"] = long_val
+    if result["prompts_truncated"]:
+        log.warning("%d of %d prompts were longer than %d tokens and lost their start for generation",
+                    result["prompts_truncated"], len(examples), max_prompt)
 
     out = model_dir / "eval"
     out.mkdir(exist_ok=True)

@@ -6,19 +6,27 @@ import torch
 import torch.nn.functional as F
 
 
-def encode_pairs(tokenizer, pairs, block_size: int):
-    """Token ids and labels for ``prompt + target + eos``, labels -100 on prompt tokens.
-    A pair whose prompt leaves no room for target tokens raises (nothing is dropped silently)."""
+MIN_TARGET_TOKENS = 8
+
+
+def encode_pairs(tokenizer, pairs, block_size: int, skip_too_long: bool = False) -> tuple[list, int]:
+    """Token ids and labels for ``prompt + target + eos``, labels -100 on prompt tokens; targets
+    longer than the context are cut at its end. Returns (encoded, n_left_out): a pair whose prompt
+    leaves fewer than ``MIN_TARGET_TOKENS`` positions raises, or with ``skip_too_long`` is left out
+    and counted, so nothing disappears unreported."""
     eos = tokenizer.eos_token_id
-    out = []
+    out, left_out = [], 0
     for prompt, target in pairs:
         p, t = tokenizer(prompt).input_ids, tokenizer(target).input_ids + [eos]
-        if len(p) >= block_size - 1:
-            raise ValueError(f"prompt of {len(p)} tokens does not fit the context of {block_size}: {prompt[:80]!r}...")
+        if len(p) > block_size - MIN_TARGET_TOKENS:
+            if skip_too_long:
+                left_out += 1
+                continue
+            raise ValueError(f"prompt of {len(p)} tokens leaves no room in the context of {block_size}: {prompt[:80]!r}...")
         ids = (p + t)[:block_size]
         labels = ([-100] * len(p) + t)[:block_size]
         out.append((ids, labels))
-    return out
+    return out, left_out
 
 
 def collate(examples, pad_id: int):

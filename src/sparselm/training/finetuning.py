@@ -95,8 +95,14 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
     shape = shape_of(model.config)
     task = load_task(cfg.task, cfg.data_dir, cfg.skip_bad_rows)
     train_pairs = task.pairs("train")[: cfg.limit_train] if cfg.limit_train else task.pairs("train")
-    train = encode_pairs(tokenizer, train_pairs, shape.block_size)
-    val = encode_pairs(tokenizer, task.pairs("validation")[: cfg.val_limit], shape.block_size)
+    train, long_train = encode_pairs(tokenizer, train_pairs, shape.block_size, skip_too_long=True)
+    val, long_val = encode_pairs(tokenizer, task.pairs("validation")[: cfg.val_limit], shape.block_size, skip_too_long=True)
+    if long_train:
+        log(f"warning: {long_train} of {len(train_pairs)} training pairs have prompts too long for the "
+            f"{shape.block_size}-token context and are left out (pre-train with a longer model.block_size to keep them)")
+    if len(train) < 0.5 * len(train_pairs) or not val:
+        raise ValueError(f"{cfg.task}: {long_train} of {len(train_pairs)} training pairs (and {long_val} validation pairs) do not fit "
+                         f"the {shape.block_size}-token context of {cfg.from_run}; pre-train with a longer model.block_size")
     pad = tokenizer.eos_token_id
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
@@ -222,6 +228,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
         "formerly_zero_weights": masked_weights,
         "formerly_zero_weights_now_nonzero": revived,
         "skipped_rows": task.skipped,
+        "pairs_left_out_too_long": {"train": long_train, "validation": long_val},
         "wall_time_s": state["wall_time_s"],
         "metrics": {},
     }
