@@ -96,3 +96,23 @@ def test_bad_inputs(sparse_run, tmp_path):
         FinetuneConfig(from_run="x", mode="half")
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         finetune(FinetuneConfig(from_run=str(tmp_path), out=str(tmp_path / "o")), progress=False)
+
+
+def test_prune_a_dense_run_then_finetune_sparse(sparse_run, tmp_path, micro_config):
+    from sparselm.cli.main import main
+    from sparselm.training import pretrain
+
+    dense = tmp_path / "dense"
+    pretrain(micro_config(out=str(dense), model=dict(micro_config().model, block_size=128), max_steps=10),
+             progress=False, log=lambda *_: None)
+    assert main(["prune", "--from", str(dense), "--out", str(tmp_path / "pruned"), "--sparsity", "0.5", "--n-m", "2:4"]) == 0
+    masks = load_file(str(tmp_path / "pruned" / "masks.safetensors"))
+    weights = load_file(str(tmp_path / "pruned" / "model.safetensors"))
+    original = load_file(str(dense / "model.safetensors"))
+    for name, m in masks.items():
+        assert (m.reshape(-1, m.shape[-1]).T.reshape(-1, 4).sum(-1) == 2).all()  # Conv1D: input axis 0
+        kept, dropped = original[name].abs()[m], original[name].abs()[~m]
+        assert torch.count_nonzero(weights[name][~m]) == 0 and kept.mean() > dropped.mean()
+    summary, out = run_ft(tmp_path / "pruned", tmp_path, "sparse")
+    assert summary["source_sparsity"] == pytest.approx(0.5)
+    assert main(["prune", "--from", str(sparse_run), "--out", str(tmp_path / "again")]) == 2  # already sparse

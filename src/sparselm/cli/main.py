@@ -92,6 +92,15 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def cmd_prune(args) -> int:
+    from ..sparsity import parse_n_m
+    from ..training.prune import prune_run
+
+    s = prune_run(args.from_run, args.out, args.sparsity, args.distribution, parse_n_m(args.n_m))
+    print(f"pruned {args.from_run} by magnitude to sparsity {s['sparsity']['measured']:.4f} -> {args.out}")
+    return 0
+
+
 def cmd_finetune(args) -> int:
     from ..training import FinetuneConfig, finetune
 
@@ -177,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=float, help="also total training FLOPs for this many tokens")
     p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="FIELD=VALUE")
     p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("prune", help="one-shot magnitude pruning of a dense run (prune-then-fine-tune baseline)")
+    p.add_argument("--from", dest="from_run", required=True, help="dense run directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--sparsity", type=float, default=0.75)
+    p.add_argument("--distribution", choices=["uniform", "erk"], default="uniform")
+    p.add_argument("--n-m", dest="n_m", help="N:M structured masks, e.g. 2:4")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("finetune", help="fine-tune a pre-trained run on a data-to-text task (dense = SPDF)")
     p.add_argument("--from", dest="from_run", required=True, help="pre-training run directory (or any HF GPT-2 directory)")
