@@ -80,6 +80,3 @@ def flops_table(shape: Shape, sparsity: float) -> list[tuple[str, float, float]]
     sparse = forward_flops_per_token(shape, 1.0 - sparsity)
     return [(k, dense[k], sparse[k]) for k in dense]
 
-
-def format_flops(x: float) -> str:
-    return f"{x:.3e}"

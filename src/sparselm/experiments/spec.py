@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..data.tasks import TASKS
-from ..models.presets import PRESETS, get_preset
+from ..models.presets import PRESETS
 from ..sparsity.methods import METHODS
 from ..training.config import PretrainConfig
 from ..training.finetuning import MODES, FinetuneConfig
@@ -133,12 +133,4 @@ def load_spec(name_or_path: str) -> ExperimentSpec:
     return ExperimentSpec(**data)
 
 
-def tokens_for(preset: str, tokens_per_param: float = 20.0) -> float:
-    """Chinchilla-style token budget (20 tokens per parameter) for a preset."""
-    shape = get_preset(preset)
-    d, L = shape.n_embd, shape.n_layer
-    params = 12 * L * d * d + shape.vocab_size * d
-    return tokens_per_param * params
-
-
-__all__ = ["ExperimentSpec", "SpecError", "builtin_specs", "load_spec", "tokens_for"]
+__all__ = ["ExperimentSpec", "SpecError", "builtin_specs", "load_spec"]

@@ -2,7 +2,7 @@
 ``nn.Module``. Knows nothing about trainers or GPT."""
 
 from .distributions import erk, per_layer_sparsity, uniform
-from .masks import magnitude_mask, nm_mask, random_mask, topk_mask
+from .masks import nm_mask, random_mask, topk_mask
 from .methods import (
     GMP, METHODS, SET, Magnitude, RigL, Sparsifier, SparsityViolation, Static,
     global_sparsity, make_sparsifier, parse_n_m,
@@ -11,6 +11,6 @@ from .selection import DEFAULT_EXCLUDE, Target, select_targets
 
 __all__ = [
     "GMP", "METHODS", "SET", "Magnitude", "RigL", "Sparsifier", "SparsityViolation", "Static",
-    "DEFAULT_EXCLUDE", "Target", "erk", "global_sparsity", "magnitude_mask", "make_sparsifier",
+    "DEFAULT_EXCLUDE", "Target", "erk", "global_sparsity", "make_sparsifier",
     "nm_mask", "parse_n_m", "per_layer_sparsity", "random_mask", "select_targets", "topk_mask", "uniform",
 ]

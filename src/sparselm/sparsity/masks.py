@@ -31,11 +31,6 @@ def random_mask(shape, sparsity: float, generator: torch.Generator) -> torch.Ten
     return topk_mask(random_scores(shape, generator), numel - n_zeros(numel, sparsity))
 
 
-def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep the largest-magnitude weights."""
-    return topk_mask(weight.detach().abs(), weight.numel() - n_zeros(weight.numel(), sparsity))
-
-
 def nm_mask(scores: torch.Tensor, n: int, m: int, in_axis: int) -> torch.Tensor:
     """N:M mask: in every group of ``m`` consecutive weights along the input axis keep the ``n``
     highest scores (2:4 is what sparse tensor cores run)."""

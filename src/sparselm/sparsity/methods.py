@@ -165,16 +165,15 @@ class Sparsifier:
 
     def report(self) -> dict:
         """Target and measured sparsity, per layer and overall (over the masked weights)."""
-        kept = sum(int(m.sum()) for m in self.masks.values())
         total = sum(m.numel() for m in self.masks.values())
         return {
             "method": self.name,
             "distribution": self.distribution,
             "n_m": list(self.n_m) if self.n_m else None,
             "target": self.sparsity,
-            "measured": 1.0 - kept / total if total else 0.0,
+            "measured": global_sparsity(self.masks),
             "masked_params": total,
-            "nonzero_masked_params": kept,
+            "nonzero_masked_params": sum(int(m.sum()) for m in self.masks.values()),
             "layers": {k: 1.0 - d for k, d in self.densities().items()},
         }
 

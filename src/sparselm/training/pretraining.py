@@ -19,7 +19,7 @@ from ..data import eval_batches, get_batch, prepare_corpus
 from ..data.paths import default_corpus
 from ..data.tokenizer import save_hf_tokenizer
 from ..models import build_model
-from ..sparsity import make_sparsifier, parse_n_m
+from ..sparsity import global_sparsity, make_sparsifier, parse_n_m
 from . import distributed
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from .config import RESUMABLE_CHANGES, PretrainConfig
@@ -211,8 +211,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True, l
                 row = {"step": step, "loss": round(train_loss, 5), "lr": lr, "tokens": state["tokens_seen"],
                        "tokens_per_s": round(tps, 1), "train_flops": state["train_flops"]}
                 if sparsifier is not None:
-                    row["sparsity"] = round(1.0 - sum(int(m.sum()) for m in sparsifier.masks.values())
-                                            / sum(m.numel() for m in sparsifier.masks.values()), 5)
+                    row["sparsity"] = round(global_sparsity(sparsifier.masks), 5)
                 log_metrics(row)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
