@@ -68,13 +68,14 @@ def fit(points: list[Point], delta: float = 1e-3) -> Fit:
     log_l = torch.tensor([math.log(p.loss) for p in points], dtype=torch.float64)
 
     def objective(theta):
-        a, b, e, alpha, beta = theta
+        a, b, e, log_alpha, log_beta = theta
+        alpha, beta = log_alpha.exp(), log_beta.exp()  # exponents stay positive, as the law assumes
         pred = torch.logsumexp(torch.stack([a - alpha * log_n, b - beta * log_d, e.expand_as(log_n)]), dim=0)
         return torch.nn.functional.huber_loss(pred, log_l, delta=delta, reduction="sum")
 
     best, best_loss = None, math.inf
-    for a0, b0, e0, al0, be0 in itertools.product((0.0, 5.0, 10.0, 20.0), (0.0, 5.0, 10.0, 20.0), (-1.0, 0.0, 1.0), (0.1, 0.5), (0.1, 0.5)):
-        theta = torch.tensor([a0, b0, e0, al0, be0], dtype=torch.float64, requires_grad=True)
+    for a0, b0, e0, al0, be0 in itertools.product((0.0, 5.0, 10.0), (0.0, 5.0, 10.0), (-1.0, 0.0, 1.0), (0.1, 0.5), (0.1, 0.5)):
+        theta = torch.tensor([a0, b0, e0, math.log(al0), math.log(be0)], dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([theta], max_iter=200, line_search_fn="strong_wolfe")
 
         def closure():
@@ -90,7 +91,8 @@ def fit(points: list[Point], delta: float = 1e-3) -> Fit:
         value = float(objective(theta.detach()))
         if math.isfinite(value) and value < best_loss:
             best, best_loss = theta.detach().clone(), value
-    a, b, e, alpha, beta = (float(x) for x in best)
+    a, b, e, log_alpha, log_beta = (float(x) for x in best)
+    alpha, beta = math.exp(log_alpha), math.exp(log_beta)
     result = Fit(E=math.exp(e), A=math.exp(a), alpha=alpha, B=math.exp(b), beta=beta, rmse=0.0, mean_abs_rel_error=0.0, n_points=len(points))
     errors = [result.predict(p.n, p.d) - p.loss for p in points]
     result.rmse = math.sqrt(sum(x * x for x in errors) / len(errors))
@@ -125,8 +127,10 @@ def plot(points: list[Point], result: Fit, path: str | Path) -> None:
 def report(points: list[Point], result: Fit) -> str:
     lines = [f"fit over {result.n_points} runs: L(N, D) = {result.E:.4f} + {result.A:.4g} / N^{result.alpha:.4f} + {result.B:.4g} / D^{result.beta:.4f}",
              f"RMSE {result.rmse:.4f} nats, mean |relative error| {100 * result.mean_abs_rel_error:.2f}%"]
-    if result.n_points <= 5:
-        lines.append(f"warning: {result.n_points} points for 5 parameters: the constants are not identifiable, only the fit")
+    n_values, d_values = len({p.n for p in points}), len({p.d for p in points})
+    if result.n_points <= 5 or n_values < 3 or d_values < 3:
+        lines.append(f"warning: {result.n_points} runs with {n_values} distinct N and {d_values} distinct D for 5 parameters: "
+                     "the constants are not identifiable, only the fit to these runs is meaningful")
     lines.append(f"{'run':<28}{'N (avg non-zero)':>18}{'D (tokens)':>14}{'loss':>9}{'predicted':>11}")
     for p in points:
         lines.append(f"{p.name:<28}{p.n:>18,.0f}{p.d:>14.3e}{p.loss:>9.4f}{result.predict(p.n, p.d):>11.4f}")
