@@ -89,8 +89,8 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"preset {args.preset}, batch {args.batch_size} x {shape.block_size} tokens, {name}, "
           f"{'bf16 autocast' if amp else 'fp32'}, median of {args.repeats} x {args.steps - max(1, args.steps // 4)} steps")
-    print(f"| run | step time (ms) | tokens/s |")
-    print(f"|---|---:|---:|")
+    print("| run | step time (ms) | tokens/s |")
+    print("|---|---:|---:|")
     print(f"| dense | {d * 1e3:.1f} | {tokens / d:,.0f} |")
     print(f"| sparse {args.sparsity:.0%} (static) | {s * 1e3:.1f} | {tokens / s:,.0f} |")
     print(f"masking time per step: {m * 1e3:.2f} ms = {100 * m / d:.2f}% of a dense step "

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from pathlib import Path
 
 from ..data.tasks import load_task
+from ..files import write_json
 from ..models.loss import encode_pairs, validation_loss
 from ..models.runs import load_run
 from .generate import DecodingConfig, generate
@@ -59,10 +59,10 @@ def evaluate(model_dir: str | Path, task: str = "e2e", split: str = "test", limi
     # references in the E2E scorer's format: one block per input, blank line between blocks
     (out / f"{stem}.ref.txt").write_text("\n\n".join("\n".join(e.refs) for e in examples) + "\n")
     (out / f"{stem}.src.txt").write_text("\n".join(e.source for e in examples) + "\n")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    write_json(out / f"{stem}.json", result)
     if summary.get("kind") == "finetune":  # so experiments can join pre-training, fine-tuning and metrics
         summary.setdefault("metrics", {})[f"{task}-{split}"] = result["metrics"]
-        (model_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(model_dir / "summary.json", summary)
     return result
 
 

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+from ..files import write_json
 from .spec import ExperimentSpec
 
 
@@ -66,7 +67,7 @@ def write_results(results: dict, out: Path) -> None:
     from .report import write_report
 
     out = Path(out)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     keys: list[str] = []
     for r in results["rows"]:
         keys += [k for k in r if k not in keys]

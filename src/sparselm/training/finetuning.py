@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import flops
 from ..data.tasks import load_task
+from ..files import write_json
 from ..models import shape_of
 from ..models.loss import collate, encode_pairs, target_loss, validation_loss
 from ..models.runs import load_run
@@ -238,14 +239,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
         from safetensors.torch import save_file
 
         save_file(sparsifier.state_dict(), str(out / "masks.safetensors"))
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 __all__ = ["FinetuneConfig", "MODES", "finetune"]

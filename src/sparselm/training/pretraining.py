@@ -18,6 +18,7 @@ from .. import flops
 from ..data import eval_batches, get_batch, prepare_corpus
 from ..data.paths import default_corpus
 from ..data.tokenizer import save_hf_tokenizer
+from ..files import write_json
 from ..models import build_model
 from ..sparsity import global_sparsity, make_sparsifier, parse_n_m
 from . import distributed
@@ -261,7 +262,5 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True, l
         if sparsifier is not None:
             from safetensors.torch import save_file
             save_file(sparsifier.state_dict(), str(out / "masks.safetensors"))
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(out / "summary.json")
+        write_json(out / "summary.json", summary)
     return summary

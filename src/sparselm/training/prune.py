@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ..files import write_json
 from ..models.runs import load_run
 from ..sparsity import Magnitude
 from .pretraining import RunExistsError
@@ -29,5 +29,5 @@ def prune_run(from_run: str | Path, out: str | Path, sparsity: float, distributi
     save_file(sparsifier.state_dict(), str(out / "masks.safetensors"))
     summary = dict(source)
     summary.update(kind="pretrain", pruned_from=str(from_run), sparsity=sparsifier.report())
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
