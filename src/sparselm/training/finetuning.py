@@ -175,15 +175,16 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True, l
             state["step"] = step
             state["tokens_seen"] += ids.numel()
             state["finetune_flops"] += flops_per_token * ids.numel()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}; lower --lr")
-            if step % cfg.log_every == 0 or step == total_steps:
-                metrics.write(json.dumps({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss.item(), 5), "lr": lr}) + "\n")
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % cfg.log_every == 0 or step == total_steps:  # one host sync per log step
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"fine-tuning loss is {loss_value} at step {step}; lower --lr")
+                metrics.write(json.dumps({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": round(loss_value, 5), "lr": lr}) + "\n")
+                bar.set_postfix(loss=f"{loss_value:.3f}")
             if step % cfg.eval_every == 0 or step == total_steps:
                 val_loss = validation_loss(model, val, cfg.batch_size, pad, device)
                 metrics.write(json.dumps({"step": step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(val_loss), 3)}) + "\n")
-                bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}")
+                bar.set_postfix(val=f"{val_loss:.3f}")
             metrics.flush()
             state["wall_time_s"] = wall0 + time.time() - t0
             if step % cfg.ckpt_every == 0 and step < total_steps:
