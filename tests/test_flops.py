@@ -51,3 +51,42 @@ def test_rigl_dense_gradient_step_cost():
     fs = flops.forward_flops_per_token(shape, 0.25)["total"]
     fd = flops.forward_flops_per_token(shape, 1.0)["total"]
     assert flops.train_flops_per_token(shape, 0.25, dense_weight_grad=True) == pytest.approx(2 * fs + fd)
+
+
+def test_llama_1b_matches_hand_formula_with_gqa_and_swiglu():
+    shape = get_preset("llama-1b")
+    L, d, T, V, kv, f = 22, 2048, 2048, 32000, 4 * 64, 5632  # 4 KV heads of head_dim 64
+
+    def hand(density):
+        q, k, v, o = 2 * d * d, 2 * d * kv, 2 * d * kv, 2 * d * d
+        gate, up, down = 2 * d * f, 2 * d * f, 2 * f * d
+        attn = 4 * T * d
+        return L * ((q + k + v + o + gate + up + down) * density + attn) + 2 * d * V
+
+    dense = flops.forward_flops_per_token(shape, 1.0)["total"]
+    sparse = flops.forward_flops_per_token(shape, 0.25)["total"]
+    assert dense == pytest.approx(hand(1.0), rel=1e-12)
+    assert sparse == pytest.approx(hand(0.25), rel=1e-12)
+    assert flops.train_flops_per_token(shape, 0.25) == pytest.approx(3 * hand(0.25), rel=1e-12)
+    print(f"llama-1b forward FLOPs/token: dense {dense:.4e}, 75% sparse {sparse:.4e}, ratio {dense / sparse:.3f}")
+
+
+def test_llama_per_layer_densities_by_parameter_name():
+    shape = get_preset("llama-tiny")
+    part = flops.forward_flops_per_token(shape, {"model.layers.2.self_attn.k_proj.weight": 0.5})
+    full = flops.forward_flops_per_token(shape, 1.0)
+    assert full["attn.k"] - part["attn.k"] == pytest.approx(0.5 * 2 * 128 * 64)
+    assert full["total"] - part["total"] == pytest.approx(0.5 * 2 * 128 * 64)
+
+
+@pytest.mark.parametrize("preset, name", [
+    ("tiny", "lm_head.weight"),
+    ("tiny", "transformer.h.4.mlp.c_fc.weight"),  # one layer past the last
+    ("llama-tiny", "transformer.h.0.mlp.c_fc.weight"),  # another family's name
+])
+def test_a_masked_parameter_outside_the_block_linears_raises(preset, name):
+    shape = get_preset(preset)
+    with pytest.raises(ValueError, match=rf"cannot account for masked parameter {name} in family '{shape.family}'"):
+        flops.forward_flops_per_token(shape, {name: 0.5})
+    with pytest.raises(ValueError, match="cannot account"):
+        flops.train_flops_per_token(shape, {name: 0.5}, dense_weight_grad=True)

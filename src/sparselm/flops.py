@@ -1,18 +1,24 @@
-"""FLOP accounting for GPT-2-architecture models: pure arithmetic on a model shape.
+"""FLOP accounting for decoder-only transformers: pure arithmetic on a model shape.
+
+The shape's model family lists the block linears (the weights that get masked: names and sizes), so
+any registered architecture is counted without parameter names hard-coded here.
 
 Convention (Kaplan et al. 2020 / Chinchilla, as the SPDF paper uses):
 - a matrix multiply of (m x k) by (k x n) costs 2*m*k*n FLOPs; per token, a linear layer with
   ``n_in x n_out`` weights costs ``2 * n_in * n_out * density`` (a sparse weight skips its zeros);
-- attention per layer per token: scores ``Q K^T`` cost ``2 * T * d`` and the weighted sum of values
-  ``2 * T * d``, over the full context T (no causal halving); these are activation-activation
-  products and never sparse;
-- the LM head costs ``2 * d * V`` and stays dense; embedding look-ups, layer norms, softmax,
-  GELU and biases are left out (well under 1% at these shapes);
+- attention per layer per token: scores ``Q K^T`` cost ``2 * T * n_head * head_dim`` (= 2*T*d) and the
+  weighted sum of values as much, over the full context T (no causal halving); these are
+  activation-activation products and never sparse. Grouped-query attention shares K/V heads but every
+  query head still attends, so GQA shrinks only the k/v projections;
+- the LM head costs ``2 * d * V`` and stays dense; embedding look-ups, norms, softmax, activations,
+  RoPE and biases are left out (well under 1% at these shapes);
 - a training step costs 3x the forward (backward = 2x forward). With RigL, an update step computes
   the dense weight gradient: ``2 * f_sparse + f_dense`` instead of ``3 * f_sparse`` (Evci et al. 2020).
 
-Densities are keyed by the Hugging Face GPT-2 parameter names (``transformer.h.{i}.attn.c_attn.weight``
-...); a missing key is dense. A plain float applies to every block linear.
+Densities are keyed by the Hugging Face parameter names of the block linears (GPT-2:
+``transformer.h.{i}.attn.c_attn.weight``, Llama: ``model.layers.{i}.self_attn.q_proj.weight`` ...); a
+missing key is dense, a key that is not a block linear of the family raises (its FLOPs would otherwise
+be silently misreported). A plain float applies to every block linear.
 """
 
 from __future__ import annotations
@@ -20,42 +26,40 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-# (component, HF GPT-2 parameter name suffix, n_in, n_out as functions of d and d_ff)
-_LINEARS = (
-    ("attn.qkv", "attn.c_attn.weight", lambda d, f: (d, 3 * d)),
-    ("attn.proj", "attn.c_proj.weight", lambda d, f: (d, d)),
-    ("mlp.fc", "mlp.c_fc.weight", lambda d, f: (d, f)),
-    ("mlp.proj", "mlp.c_proj.weight", lambda d, f: (f, d)),
-)
+from .models.family import get_family
 
 
 class Shape(Protocol):
+    family: str
     n_layer: int
+    n_head: int
     n_embd: int
     block_size: int
     vocab_size: int
 
     @property
-    def n_inner(self) -> int: ...
+    def head_dim(self) -> int: ...
 
 
 def linear_layers(shape: Shape) -> list[tuple[str, str, int, int]]:
     """(component, parameter name, n_in, n_out) for every block linear."""
-    d, f = shape.n_embd, shape.n_inner
-    return [
-        (comp, f"transformer.h.{i}.{suffix}", *dims(d, f))
-        for i in range(shape.n_layer)
-        for comp, suffix, dims in _LINEARS
-    ]
+    return [(b.component, b.param_name, b.n_in, b.n_out) for b in get_family(shape.family).block_linears(shape)]
 
 
 def forward_flops_per_token(shape: Shape, density: float | Mapping[str, float] = 1.0) -> dict[str, float]:
     """Forward FLOPs per token by component, summed over layers, plus 'total'."""
+    layers = linear_layers(shape)
+    if not isinstance(density, (int, float)):
+        unknown = sorted(set(density) - {name for _, name, _, _ in layers})
+        if unknown:
+            examples = ", ".join(name for _, name, _, _ in layers[: len(layers) // shape.n_layer])
+            raise ValueError(f"cannot account for masked parameter {unknown[0]} in family {shape.family!r}; "
+                             f"its block linears are {examples} ... (for each of the {shape.n_layer} layers)")
     out: dict[str, float] = {}
-    for comp, name, n_in, n_out in linear_layers(shape):
+    for comp, name, n_in, n_out in layers:
         dens = density if isinstance(density, (int, float)) else density.get(name, 1.0)
         out[comp] = out.get(comp, 0.0) + 2.0 * n_in * n_out * dens
-    attn = 2.0 * shape.block_size * shape.n_embd * shape.n_layer
+    attn = 2.0 * shape.block_size * shape.n_head * shape.head_dim * shape.n_layer
     out["attn.scores"] = attn
     out["attn.values"] = attn
     out["lm_head"] = 2.0 * shape.n_embd * shape.vocab_size
@@ -79,4 +83,3 @@ def flops_table(shape: Shape, sparsity: float) -> list[tuple[str, float, float]]
     dense = forward_flops_per_token(shape, 1.0)
     sparse = forward_flops_per_token(shape, 1.0 - sparsity)
     return [(k, dense[k], sparse[k]) for k in dense]
-

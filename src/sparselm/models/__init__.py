@@ -1,6 +1,14 @@
-"""GPT models: named presets and Hugging Face GPT-2 construction."""
+"""Model shapes, the registry of model families (GPT-2, Llama), and building/loading HF models."""
 
-from .gpt import build_model, gpt2_config, load_model, shape_of
+from .family import (
+    FAMILIES, BlockLinear, ModelFamily, build_model, context_length, family_for_config, get_family,
+    load_model, lora_config_kwargs, register_family, shape_of,
+)
 from .presets import PRESETS, ModelShape, get_preset
+from . import gpt2, llama  # noqa: F401  (each registers its family)
 
-__all__ = ["PRESETS", "ModelShape", "build_model", "get_preset", "gpt2_config", "load_model", "shape_of"]
+__all__ = [
+    "FAMILIES", "PRESETS", "BlockLinear", "ModelFamily", "ModelShape", "build_model", "context_length",
+    "family_for_config", "get_family", "get_preset", "load_model", "lora_config_kwargs", "register_family",
+    "shape_of",
+]

@@ -1,11 +1,11 @@
-"""Read a run directory (or any Hugging Face GPT-2 directory): model, tokenizer, masks, summary."""
+"""Read a run directory (or any HF directory of a registered model family): model, tokenizer, masks, summary."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .gpt import load_model
+from .family import load_model
 
 
 def load_tokenizer(path: str | Path):

@@ -1,0 +1,62 @@
+"""Llama (Touvron et al. 2023): RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases."""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .family import ModelFamily, eos_id, register_family
+from .presets import ModelShape
+
+
+class LlamaFamily(ModelFamily):
+    name = "llama"
+    model_type = "llama"
+    model_class = LlamaForCausalLM
+    layer_prefix = "model.layers.{i}."
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def hf_config(self, shape: ModelShape, eos_token_id: int | None = None) -> LlamaConfig:
+        eos = eos_id(shape, eos_token_id)
+        return LlamaConfig(
+            vocab_size=shape.vocab_size,
+            hidden_size=shape.n_embd,
+            intermediate_size=shape.n_inner,
+            num_hidden_layers=shape.n_layer,
+            num_attention_heads=shape.n_head,
+            num_key_value_heads=shape.kv_heads,
+            max_position_embeddings=shape.block_size,
+            rms_norm_eps=1e-5,  # Llama 2 / TinyLlama
+            attention_dropout=shape.dropout,
+            attention_bias=False,
+            mlp_bias=False,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            tie_word_embeddings=shape.tie_embeddings,
+        )
+
+    def shape_of(self, config: LlamaConfig) -> ModelShape:
+        d, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        if config.head_dim * heads != d:
+            raise ValueError(f"a Llama config with head_dim={config.head_dim} x {heads} heads != hidden_size={d} has no ModelShape")
+        return ModelShape(
+            n_layer=config.num_hidden_layers, n_head=heads, n_embd=d, block_size=config.max_position_embeddings,
+            vocab_size=config.vocab_size, dropout=config.attention_dropout, family=self.name,
+            n_kv_head=None if kv in (None, heads) else kv, d_ff=config.intermediate_size,
+            tie_embeddings=config.tie_word_embeddings,
+        )
+
+    def layer_linears(self, shape: ModelShape) -> list[tuple[str, str, int, int]]:
+        d, f, kv = shape.n_embd, shape.n_inner, shape.kv_heads * shape.head_dim
+        return [
+            ("attn.q", "self_attn.q_proj.weight", d, d),
+            ("attn.k", "self_attn.k_proj.weight", d, kv),
+            ("attn.v", "self_attn.v_proj.weight", d, kv),
+            ("attn.o", "self_attn.o_proj.weight", d, d),
+            ("mlp.gate", "mlp.gate_proj.weight", d, f),
+            ("mlp.up", "mlp.up_proj.weight", d, f),
+            ("mlp.down", "mlp.down_proj.weight", f, d),
+        ]
+
+
+LLAMA = register_family(LlamaFamily())

@@ -1,0 +1,235 @@
+"""Model families: building, loading, and the block linears that FLOP accounting and masking share."""
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from sparselm import flops
+from sparselm.models import (
+    FAMILIES, ModelFamily, ModelShape, build_model, context_length, family_for_config, get_family, get_preset,
+    load_model, lora_config_kwargs, register_family, shape_of,
+)
+from sparselm.sparsity import select_targets
+
+GPT2_MICRO = ModelShape(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100)
+LLAMA_MICRO = ModelShape(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100,
+                         family="llama", n_kv_head=2, d_ff=96, tie_embeddings=False)
+
+
+class NeoXFamily(ModelFamily):
+    """GPT-NeoX, registered from this test file only: a new family is one class and one register call."""
+
+    name = "neox-test"
+    model_type = "gpt_neox"
+    model_class = transformers.GPTNeoXForCausalLM
+    layer_prefix = "gpt_neox.layers.{i}."
+    lora_targets = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+    def hf_config(self, shape, eos_token_id=None):
+        return transformers.GPTNeoXConfig(
+            vocab_size=shape.vocab_size, hidden_size=shape.n_embd, num_hidden_layers=shape.n_layer,
+            num_attention_heads=shape.n_head, intermediate_size=shape.n_inner,
+            max_position_embeddings=shape.block_size, tie_word_embeddings=shape.tie_embeddings,
+        )
+
+    def shape_of(self, config):
+        return ModelShape(n_layer=config.num_hidden_layers, n_head=config.num_attention_heads, n_embd=config.hidden_size,
+                          block_size=config.max_position_embeddings, vocab_size=config.vocab_size, family=self.name,
+                          d_ff=config.intermediate_size, tie_embeddings=config.tie_word_embeddings)
+
+    def layer_linears(self, shape):
+        d, f = shape.n_embd, shape.n_inner
+        return [("attn.qkv", "attention.query_key_value.weight", d, 3 * d), ("attn.proj", "attention.dense.weight", d, d),
+                ("mlp.fc", "mlp.dense_h_to_4h.weight", d, f), ("mlp.proj", "mlp.dense_4h_to_h.weight", f, d)]
+
+
+@pytest.fixture
+def neox():
+    """The NeoX family, registered for one test; the registry is restored afterwards."""
+    saved = dict(FAMILIES)
+    try:
+        yield register_family(NeoXFamily())
+    finally:
+        FAMILIES.clear()
+        FAMILIES.update(saved)
+
+
+NEOX_MICRO = ModelShape(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=100, d_ff=128, tie_embeddings=False)
+
+
+def built(shape):
+    torch.manual_seed(0)
+    return build_model(shape)
+
+
+def assert_block_linears_are_the_masked_weights(shape):
+    """Every weight select_targets masks is a block linear of the family with the same (n_in, n_out), and back."""
+    selected = {}
+    for t in select_targets(built(shape)):
+        n_in = t.param.shape[t.in_axis]
+        selected[t.name] = (n_in, t.param.numel() // n_in)
+    listed = {b.param_name: (b.n_in, b.n_out) for b in get_family(shape.family).block_linears(shape)}
+    assert listed == selected
+
+
+@pytest.mark.parametrize("shape", [GPT2_MICRO, LLAMA_MICRO], ids=["gpt2", "llama"])
+def test_block_linears_are_exactly_the_masked_weights(shape):
+    assert_block_linears_are_the_masked_weights(shape)
+
+
+def test_a_family_registered_elsewhere_builds_counts_flops_and_loads(neox, tmp_path):
+    shape = NEOX_MICRO.override(family="neox-test")
+    model = built(shape)
+    assert isinstance(model, transformers.GPTNeoXForCausalLM)
+    assert_block_linears_are_the_masked_weights(shape)
+    d, f, T, V = 32, 128, 16, 100
+    want = 2 * (2 * d * 3 * d + 2 * d * d + 2 * 2 * d * f + 4 * T * d) + 2 * d * V
+    assert flops.forward_flops_per_token(shape)["total"] == want
+    model.save_pretrained(tmp_path)
+    assert shape_of(load_model(tmp_path).config) == shape
+
+
+def test_unknown_family_is_refused():
+    with pytest.raises(ValueError, match=r"unknown model family 'nope'; registered families are \['gpt2', 'llama'\]"):
+        get_preset("tiny").override(family="nope")
+    with pytest.raises(ValueError, match="unknown model family 'nope'"):
+        build_model(ModelShape(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=10, family="nope"))
+
+
+def test_registry_refuses_duplicates(neox):
+    with pytest.raises(ValueError, match="already registered"):
+        register_family(NeoXFamily())
+    assert register_family(NeoXFamily(), replace=True) is FAMILIES["neox-test"]
+
+    class AnotherGPT2(NeoXFamily):
+        name, model_type = "gpt2-again", "gpt2"
+
+    with pytest.raises(ValueError, match="model_type 'gpt2' is already loaded by family 'gpt2'"):
+        register_family(AnotherGPT2())
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(n_kv_head=3), "n_head=4 is not divisible by n_kv_head=3"),
+    (dict(n_embd=130), "n_embd=130 is not divisible by n_head=4"),
+    (dict(n_layer=0), "n_layer must be a positive integer"),
+    (dict(d_ff=2.5), "d_ff must be a positive integer"),
+    (dict(heads=2), r"unknown model field\(s\) \['heads'\]; fields are .*'n_kv_head'"),
+])
+def test_shape_override_checks(changes, message):
+    with pytest.raises(ValueError, match=message):
+        get_preset("llama-tiny").override(**changes)
+
+
+def test_shape_defaults():
+    tiny = get_preset("tiny")
+    assert (tiny.family, tiny.n_inner, tiny.head_dim, tiny.kv_heads, tiny.tie_embeddings) == ("gpt2", 512, 32, 4, True)
+    big = get_preset("llama-1b")
+    assert (big.n_inner, big.head_dim, big.kv_heads, big.tie_embeddings) == (5632, 64, 4, False)
+
+
+def test_tiny_gpt2_weights_are_bit_identical_to_the_gpt2_only_builder():
+    """Existing demo numbers rest on this: the GPT-2 config the code built before model families."""
+    shape, eos = get_preset("tiny"), 4095
+    before = transformers.GPT2Config(
+        vocab_size=4096, n_positions=128, n_embd=128, n_layer=4, n_head=4, n_inner=512, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    want = transformers.GPT2LMHeadModel._from_config(before, attn_implementation="sdpa")
+    got = built(shape)
+    assert got.config.to_dict() == want.config.to_dict()
+    want_sd, got_sd = want.state_dict(), got.state_dict()
+    assert list(got_sd) == list(want_sd)
+    assert all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_shape_round_trips_through_the_hf_config(preset):
+    shape = get_preset(preset)
+    config = get_family(shape.family).hf_config(shape)
+    assert shape_of(config) == shape and context_length(config) == shape.block_size
+
+
+def test_llama_saves_and_reloads_with_gqa(tmp_path):
+    model = built(LLAMA_MICRO)
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    for other in (hf, ours):
+        assert isinstance(other, transformers.LlamaForCausalLM)
+        assert other.config.num_key_value_heads == 2 < other.config.num_attention_heads == 4
+        assert other.model.layers[0].self_attn.k_proj.weight.shape == (2 * 16, 64)
+        sd = other.state_dict()
+        assert sd.keys() == model.state_dict().keys()
+        assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(ours.lm_head.weight, ours.model.embed_tokens.weight)  # untied head, saved and loaded
+    assert context_length(ours) == 16 and shape_of(ours.config) == LLAMA_MICRO
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(model.eval()(ids).logits, ours.eval()(ids).logits)
+
+
+def test_load_model_refuses_unsupported_architectures(tmp_path):
+    opt = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                                 max_position_embeddings=16, word_embed_proj_dim=16)
+    transformers.OPTForCausalLM(opt).save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as err:
+        load_model(tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "OPTForCausalLM" in msg and "'opt'" in msg
+    assert "gpt2" in msg and "llama" in msg
+    with pytest.raises(ValueError, match="not supported"):
+        family_for_config(opt)
+
+
+def test_load_model_refuses_missing_or_unexpected_weights(tmp_path):
+    built(LLAMA_MICRO).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    sd = load_file(weights)
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{tmp_path}.*missing model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(tmp_path)
+    sd = load_file(weights)
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(96, 64)
+    sd["model.layers.1.mlp.extra.weight"] = torch.zeros(2)
+    save_file(sd, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected model.layers.1.mlp.extra.weight"):
+        load_model(tmp_path)
+
+
+def test_tied_gpt2_head_reloads(tmp_path):
+    model = built(GPT2_MICRO)
+    model.save_pretrained(tmp_path)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    loaded = load_model(tmp_path)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_old_gpt2_causal_mask_buffers_are_harmless(tmp_path):
+    built(GPT2_MICRO).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    sd = load_file(weights)
+    sd["transformer.h.0.attn.bias"] = torch.ones(1, 1, 16, 16)
+    sd["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(sd, weights, metadata={"format": "pt"})
+    load_model(tmp_path)
+
+
+def test_load_model_needs_a_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("shape", [GPT2_MICRO, LLAMA_MICRO], ids=["gpt2", "llama"])
+def test_lora_targets_are_the_block_linears(shape):
+    from peft import LoraConfig, get_peft_model
+
+    model = built(shape)
+    kwargs = lora_config_kwargs(model)
+    assert kwargs["fan_in_fan_out"] == (shape.family == "gpt2")
+    peft_model = get_peft_model(model, LoraConfig(r=2, task_type="CAUSAL_LM", **kwargs))
+    wrapped = {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    assert wrapped == {b.param_name.removesuffix(".weight") for b in get_family(shape.family).block_linears(shape)}
+    assert context_length(peft_model) == shape.block_size
