@@ -9,6 +9,9 @@ last hex digit 0-3 -> test, 4 -> validation, else train.
 
 A malformed row raises ``TaskDataError`` naming file, line/entry and field; with
 ``skip_bad_rows=True`` it is skipped, counted and warned about instead. Nothing is dropped silently.
+
+Each task is a ``Task`` in ``TASKS``: adding one takes a loader and one ``register_task`` call, from
+any module; training, evaluation, scoring and experiment specs then know it by name.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import json
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from .paths import data_root
@@ -233,28 +238,62 @@ def _load_json(path: Path):
         raise TaskDataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-TASKS = {
-    "e2e": ("e2e", load_e2e),
-    "e2e-cleaned": ("e2e-cleaned", lambda f, skip: load_e2e(f, skip, cleaned=True)),
-    "webnlg": ("webnlg2017", load_webnlg),
-    "dart": ("dart", load_dart),
-    "jsonl": (None, load_jsonl),
-}
+@dataclass(frozen=True)
+class Task:
+    """A downstream task, declared once: how to read it and how it is scored.
+
+    ``folder``: its default folder under the shared data root (None: it needs ``--data-dir``).
+    ``metrics``: the names of the metrics it is scored with, in display order.
+    ``scorers``: metric name -> implementation name, where the task's official scorer is not the
+    metric's default implementation (E2E's BLEU is mteval's, not sacrebleu's).
+    """
+
+    name: str
+    loader: Callable[[Path, bool], TaskData]
+    folder: str | None
+    metrics: tuple[str, ...]
+    scorers: Mapping[str, str] = field(default_factory=dict)
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task, replace: bool = False) -> Task:
+    """Make ``task`` loadable and scorable by name; a second task of the same name is an error
+    unless ``replace``."""
+    if task.name in TASKS and not replace:
+        raise ValueError(f"task {task.name!r} is already registered; pass replace=True to replace it")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}") from None
+
+
+_E2E_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+_E2E_SCORERS = {"bleu": "mteval"}  # the E2E scorer's BLEU comes from mteval-v13a, with NIST
+register_task(Task("e2e", load_e2e, "e2e", _E2E_METRICS, _E2E_SCORERS))
+register_task(Task("e2e-cleaned", partial(load_e2e, cleaned=True), "e2e-cleaned", _E2E_METRICS, _E2E_SCORERS))
+register_task(Task("webnlg", load_webnlg, "webnlg2017", ("bleu", "meteor", "ter")))
+register_task(Task("dart", load_dart, "dart", ("bleu", "meteor", "ter")))
+register_task(Task("jsonl", load_jsonl, None, ("bleu", "meteor", "rouge_l", "ter")))
 
 
 def load_task(name: str, data_dir: str | os.PathLike | None = None, skip_bad_rows: bool = False) -> TaskData:
     """Load a task's splits from ``data_dir`` (default: its folder in the shared data)."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    default_folder, loader = TASKS[name]
+    task = get_task(name)
     if data_dir is None:
-        if default_folder is None:
-            raise ValueError("task 'jsonl' needs --data-dir: a folder with train.jsonl, validation.jsonl, test.jsonl")
-        data_dir = data_root() / default_folder
-    task = loader(Path(data_dir), skip_bad_rows)
-    if task.skipped:
-        log.warning("%s: skipped %d malformed rows", name, task.skipped)
-    for split, examples in task.splits.items():
+        if task.folder is None:
+            raise ValueError(f"task {name!r} has no folder in the shared data: it needs --data-dir")
+        data_dir = data_root() / task.folder
+    data = task.loader(Path(data_dir), skip_bad_rows)
+    if data.skipped:
+        log.warning("%s: skipped %d malformed rows", name, data.skipped)
+    for split, examples in data.splits.items():
         if not examples:
             raise TaskDataError(f"task {name}: split {split!r} is empty in {data_dir}")
-    return task
+    return data

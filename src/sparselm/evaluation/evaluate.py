@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..data.tasks import load_task
 from ..files import write_json
+from ..models import context_length
 from ..models.loss import encode_pairs, validation_loss
 from ..models.runs import load_run
 from .generate import DecodingConfig, generate
@@ -20,11 +21,12 @@ log = logging.getLogger(__name__)
 def evaluate(model_dir: str | Path, task: str = "e2e", split: str = "test", limit: int | None = None,
              decoding: DecodingConfig = DecodingConfig(), data_dir=None, device="cpu", progress=True,
              val_limit: int = 256) -> dict:
-    """Write ``eval/<task>-<split>.json`` (+ ``.hyp.txt``, ``.ref.txt``) in ``model_dir`` and return the result."""
+    """Write ``eval/<task>-<split>.json`` (+ ``.hyp.txt``, ``.ref.txt``, ``.src.txt``) in ``model_dir`` and
+    return the result. Nothing else in ``model_dir`` changes: the run's files stay as training left them."""
     if str(model_dir) == "copy":
         return copy_baseline(task, split, limit, data_dir)
     model_dir = Path(model_dir)
-    model, tok, _, summary = load_run(model_dir)
+    model, tok, _, _ = load_run(model_dir)
     model.to(device)
     data = load_task(task, data_dir)
     if split not in data.splits:
@@ -43,27 +45,29 @@ def evaluate(model_dir: str | Path, task: str = "e2e", split: str = "test", limi
         "metrics": score(task, hyps, [e.refs for e in examples]),
         "generation_time_s": gen_time,
     }
-    val, long_val = encode_pairs(tok, data.pairs("validation")[:val_limit], model.config.n_positions, skip_too_long=True)
+    context = context_length(model)
+    val, long_val = encode_pairs(tok, data.pairs("validation")[:val_limit], context, skip_too_long=True)
     result["metrics"]["val_ppl"] = math.exp(validation_loss(model, val, decoding.batch_size, tok.eos_token_id, device))
-    max_prompt = model.config.n_positions - decoding.max_new_tokens
+    max_prompt = context - decoding.max_new_tokens
     result["prompts_truncated"] = sum(len(tok(e.prompt).input_ids) > max_prompt for e in examples)
     result["val_pairs_left_out_too_long"] = long_val
     if result["prompts_truncated"]:
         log.warning("%d of %d prompts were longer than %d tokens and lost their start for generation",
                     result["prompts_truncated"], len(examples), max_prompt)
 
-    out = model_dir / "eval"
-    out.mkdir(exist_ok=True)
-    stem = f"{task}-{split}"
-    (out / f"{stem}.hyp.txt").write_text("\n".join(hyps) + "\n")
+    path = eval_path(model_dir, task, split)
+    path.parent.mkdir(exist_ok=True)
+    path.with_suffix(".hyp.txt").write_text("\n".join(hyps) + "\n")
     # references in the E2E scorer's format: one block per input, blank line between blocks
-    (out / f"{stem}.ref.txt").write_text("\n\n".join("\n".join(e.refs) for e in examples) + "\n")
-    (out / f"{stem}.src.txt").write_text("\n".join(e.source for e in examples) + "\n")
-    write_json(out / f"{stem}.json", result)
-    if summary.get("kind") == "finetune":  # so experiments can join pre-training, fine-tuning and metrics
-        summary.setdefault("metrics", {})[f"{task}-{split}"] = result["metrics"]
-        write_json(model_dir / "summary.json", summary)
+    path.with_suffix(".ref.txt").write_text("\n\n".join("\n".join(e.refs) for e in examples) + "\n")
+    path.with_suffix(".src.txt").write_text("\n".join(e.source for e in examples) + "\n")
+    write_json(path, result)  # last and atomic: an existing result means a finished evaluation
     return result
+
+
+def eval_path(model_dir: str | Path, task: str, split: str) -> Path:
+    """Where ``evaluate`` writes its result: its existence marks the evaluation as done."""
+    return Path(model_dir) / "eval" / f"{task}-{split}.json"
 
 
 def copy_baseline(task: str, split: str, limit: int | None = None, data_dir=None) -> dict:

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..models import context_length
+
 
 @dataclass
 class DecodingConfig:
@@ -29,9 +31,10 @@ def generate(model, tokenizer, prompts: list[str], cfg: DecodingConfig = Decodin
              progress: bool = True) -> list[str]:
     """One output string per prompt: the text after the prompt, up to EOS or the first newline."""
     model.eval()
-    max_prompt = model.config.n_positions - cfg.max_new_tokens
+    context = context_length(model)
+    max_prompt = context - cfg.max_new_tokens
     if max_prompt < 8:
-        raise ValueError(f"context of {model.config.n_positions} tokens leaves no room for prompts with max_new_tokens={cfg.max_new_tokens}")
+        raise ValueError(f"context of {context} tokens leaves no room for prompts with max_new_tokens={cfg.max_new_tokens}")
     eos = tokenizer.eos_token_id
     outputs: list[str] = []
     for i in tqdm(range(0, len(prompts), cfg.batch_size), disable=not progress, desc="generate", unit="batch"):

@@ -7,6 +7,9 @@
 - WebNLG / DART: BLEU and TER from ``sacrebleu`` (13a tokenisation, cased) and METEOR 1.5.
 
 BLEU, METEOR, ROUGE-L and TER are reported in 0-100 (the papers' tables); NIST and CIDEr as is.
+
+Each metric is a ``Metric`` in ``METRICS`` (``register_metric`` adds one); a task lists the metrics
+it is scored with, and ``score`` computes them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import re
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..data.tasks import Task, get_task
 
 # ---- mteval-v13a port ------------------------------------------------------------------------
 _PUNCT = re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])")
@@ -138,10 +144,9 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
-def coco_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], metrics=("meteor", "rouge_l", "cider"),
-                tokenize: bool = True) -> dict[str, float]:
-    """METEOR (0-100), ROUGE-L (0-100) and CIDEr as the E2E scorer's COCO evaluator computes them.
-    Needs Java (METEOR and the PTB tokenizer are Java programs shipped in pycocoevalcap)."""
+def coco_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], tokenize: bool = True) -> dict[str, float]:
+    """METEOR (0-100), ROUGE-L (0-100) and CIDEr as the E2E scorer's COCO evaluator computes them,
+    all three from one PTB tokenisation (ROUGE-L and CIDEr add under a second to METEOR). Needs Java (METEOR and the PTB tokenizer are Java programs shipped in pycocoevalcap)."""
     _check_lengths(hyps, refs)
     if not java_available():
         raise RuntimeError("METEOR and the PTB tokenizer need Java: install a JRE (e.g. apt-get install default-jre-headless)")
@@ -159,18 +164,13 @@ def coco_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], metrics=("me
     else:
         gts = {i: [c["caption"] for c in v] for i, v in gts.items()}
         res = {i: [c["caption"] for c in v] for i, v in res.items()}
-    out = {}
-    if "meteor" in metrics:
-        scorer = Meteor()
-        try:
-            out["meteor"] = 100.0 * float(scorer.compute_score(gts, res)[0])
-        finally:
-            _close_meteor(scorer)
-    if "rouge_l" in metrics:
-        out["rouge_l"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
-    if "cider" in metrics:
-        out["cider"] = float(Cider().compute_score(gts, res)[0])
-    return out
+    scorer = Meteor()
+    try:
+        meteor = 100.0 * float(scorer.compute_score(gts, res)[0])
+    finally:
+        _close_meteor(scorer)
+    return {"meteor": meteor, "rouge_l": 100.0 * float(Rouge().compute_score(gts, res)[0]),
+            "cider": float(Cider().compute_score(gts, res)[0])}
 
 
 @contextlib.contextmanager
@@ -215,28 +215,80 @@ def sacrebleu_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict
             "ter": float(TER().corpus_score(list(hyps), streams).score)}
 
 
-# ---- per task ----------------------------------------------------------------------------------
-TASK_METRICS = {
-    "e2e": ("bleu", "nist", "meteor", "rouge_l", "cider"),
-    "e2e-cleaned": ("bleu", "nist", "meteor", "rouge_l", "cider"),
-    "webnlg": ("bleu", "meteor", "ter"),
-    "dart": ("bleu", "meteor", "ter"),
-    "jsonl": ("bleu", "meteor", "rouge_l", "ter"),
-}
+# ---- the registry ------------------------------------------------------------------------------
+Scorer = Callable[[Sequence[str], Sequence[Sequence[str]]], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A score in results, declared once: its key, its name in tables, which way is better, and how
+    it is computed.
+
+    ``scorers``: implementation name -> ``(hyps, refs) -> {metric name: value}``. The first is the
+    default; a task picks another by name (``Task.scorers``). Metrics computed together declare the
+    same function (mteval: BLEU, NIST; sacrebleu: BLEU, TER; COCO: METEOR, ROUGE-L, CIDEr), which
+    ``score`` calls once. No scorers: not computed from outputs (``val_ppl``, added by ``evaluate``).
+    """
+
+    name: str
+    display: str
+    higher_is_better: bool
+    scorers: Mapping[str, Scorer] = field(default_factory=dict)
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric, replace: bool = False) -> Metric:
+    """Make ``metric`` usable in task declarations and reports; a second metric of the same name is
+    an error unless ``replace``."""
+    if metric.name in METRICS and not replace:
+        raise ValueError(f"metric {metric.name!r} is already registered; pass replace=True to replace it")
+    METRICS[metric.name] = metric
+    return metric
+
+
+def get_metric(name: str) -> Metric:
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise ValueError(f"unknown metric {name!r}; registered metrics: {sorted(METRICS)}") from None
+
+
+_MTEVAL = {"mteval": mteval_bleu_nist}
+_SACREBLEU = {"sacrebleu": sacrebleu_scores}
+_COCO = {"coco": coco_scores}
+register_metric(Metric("bleu", "BLEU", True, {**_SACREBLEU, **_MTEVAL}))
+register_metric(Metric("nist", "NIST", True, _MTEVAL))
+register_metric(Metric("meteor", "METEOR", True, _COCO))
+register_metric(Metric("rouge_l", "ROUGE-L", True, _COCO))
+register_metric(Metric("cider", "CIDEr", True, _COCO))
+register_metric(Metric("ter", "TER", False, _SACREBLEU))
+register_metric(Metric("val_ppl", "val PPL", False))
 
 
 def score(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
-    """The task's metrics, computed as its official scorer does."""
-    wanted = TASK_METRICS.get(task, TASK_METRICS["jsonl"])
+    """The task's metrics in its order, each from the task's official implementation; an
+    implementation giving several metrics runs once."""
+    declared = get_task(task)
+    computed: dict[Scorer, dict[str, float]] = {}
     out: dict[str, float] = {}
-    if task.startswith("e2e"):
-        out.update(mteval_bleu_nist(hyps, refs))
-    else:
-        out.update(sacrebleu_scores(hyps, refs))
-    coco = [m for m in ("meteor", "rouge_l", "cider") if m in wanted]
-    if coco:
-        out.update(coco_scores(hyps, refs, coco))
-    return {k: out[k] for k in wanted}
+    for name in declared.metrics:
+        scorer = _scorer_for(declared, get_metric(name))
+        if scorer not in computed:
+            computed[scorer] = scorer(hyps, refs)
+        out[name] = computed[scorer][name]
+    return out
+
+
+def _scorer_for(task: Task, metric: Metric) -> Scorer:
+    if not metric.scorers:
+        raise ValueError(f"task {task.name}: metric {metric.name!r} is not computed from outputs")
+    impl = task.scorers.get(metric.name, next(iter(metric.scorers)))
+    if impl not in metric.scorers:
+        raise ValueError(f"task {task.name}: metric {metric.name!r} has no implementation {impl!r}; "
+                         f"it has {sorted(metric.scorers)}")
+    return metric.scorers[impl]
 
 
 def _check_lengths(hyps, refs) -> None:

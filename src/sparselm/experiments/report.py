@@ -9,9 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-METRIC_NAMES = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr",
-                "ter": "TER", "val_ppl": "val PPL"}
-LOWER_IS_BETTER = {"ter", "val_ppl"}
+from ..evaluation.metrics import METRICS
 
 
 def _fmt(x, digits=2) -> str:
@@ -179,14 +177,14 @@ def _blocks(results: dict, plots) -> list[tuple]:
                ("table", ["run", "seed", "status", "val loss", "train FLOPs", "FLOPs saved (x)", "avg non-zero params", "wall s"], prow)]
 
     for t in tasks:
-        metric_keys = [m for m in METRIC_NAMES if any(m in v for k, v in cells.items() if k[0] == t)]
+        metrics = [m for name, m in METRICS.items() if any(name in v for k, v in cells.items() if k[0] == t)]
         trows = []
         for (task, mode, sparsity, method), v in sorted(cells.items(), key=lambda kv: (kv[0][2], kv[0][1])):
             if task != t:
                 continue
-            trows.append([_label(sparsity, method), mode] + [_fmt(v.get(m)) for m in metric_keys]
+            trows.append([_label(sparsity, method), mode] + [_fmt(v.get(m.name)) for m in metrics]
                          + [_fmt(v.get("finetune_val_loss"), 3), _fmt(v.get("finetune_flops"))])
-        arrows = [METRIC_NAMES[m] + (" ↓" if m in LOWER_IS_BETTER else " ↑") for m in metric_keys]
+        arrows = [m.display + (" ↑" if m.higher_is_better else " ↓") for m in metrics]
         blocks += [("h2", f"{t}"), ("table", ["pre-training", "FT"] + arrows + ["FT val loss", "FT FLOPs"], trows)]
 
     failed = [r["cell"] for r in results["rows"] if r["status"] != "done"] + [p["cell"] for p in results["pretrain"] if p["status"] != "done"]

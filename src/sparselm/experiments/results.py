@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from ..files import write_json
+from .grid import plan
+from .report import write_report
 from .spec import ExperimentSpec
 
 
@@ -31,15 +33,14 @@ def _curve(run_dir: Path) -> list[dict]:
 
 
 def collect(spec: ExperimentSpec, out: Path) -> dict:
-    from .runner import plan
-
+    """One row per cell, whatever its status, from the files the grid's cells left."""
     pre, fine = plan(spec, out)
     pretrain_rows = []
     for cell in pre:
         s = _read_json(cell.dir / "summary.json")
         pretrain_rows.append({
             "cell": cell.name, "sparsity": cell.sparsity, "method": cell.method if cell.sparsity else "dense", "seed": cell.seed,
-            "status": "done" if s else ("failed" if (out / "failures" / f"pretrain-{cell.name}.txt").exists() else "missing"),
+            "status": cell.status(),
             "val_loss": s.get("final_val_loss"), "train_flops": s.get("train_flops"), "dense_train_flops": s.get("dense_train_flops"),
             "average_param_count": s.get("average_param_count"), "final_param_count": s.get("final_param_count"),
             "tokens": s.get("tokens_seen"), "wall_time_s": s.get("wall_time_s"), "curve": _curve(cell.dir),
@@ -47,12 +48,12 @@ def collect(spec: ExperimentSpec, out: Path) -> dict:
     rows = []
     for cell in fine:
         s = _read_json(cell.dir / "summary.json")
-        ev = _read_json(cell.dir / "eval" / f"{cell.task}-{spec.eval_split}.json")
+        ev = _read_json(cell.eval_file)
         p = _read_json(cell.pretrain.dir / "summary.json")
         row = {
             "cell": cell.name, "sparsity": cell.pretrain.sparsity, "method": cell.pretrain.method if cell.pretrain.sparsity else "dense",
             "seed": cell.pretrain.seed, "task": cell.task, "mode": cell.mode,
-            "status": "done" if ev else "failed" if (out / "failures" / f"finetune-{cell.name.replace('/', '__')}.txt").exists() else "missing",
+            "status": cell.status(),
             "pretrain_flops": p.get("train_flops"), "pretrain_dense_flops": p.get("dense_train_flops"),
             "pretrain_val_loss": p.get("final_val_loss"), "finetune_flops": s.get("finetune_flops"),
             "finetune_val_loss": s.get("final_val_loss"),
@@ -64,8 +65,6 @@ def collect(spec: ExperimentSpec, out: Path) -> dict:
 
 
 def write_results(results: dict, out: Path) -> None:
-    from .report import write_report
-
     out = Path(out)
     write_json(out / "results.json", results)
     keys: list[str] = []
