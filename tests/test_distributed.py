@@ -16,14 +16,14 @@ from torch import nn
 def _worker(rank, world, port, out, sync):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from sparselm.sparsity import SET
+    from sparselm.sparsity import SET, Schedule
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     # seeds differ on purpose: only the broadcast from rank 0 can make the masks agree
-    sp = SET(0.75, seed=rank, total_steps=40, update_every=5, end=1.0)
+    sp = SET(0.75, seed=rank, schedule=Schedule.of(40, update_every=5, end=1.0))
     if not sync:
         sp._sync_masks = lambda: None
     sp.attach(model, opt)
@@ -62,7 +62,7 @@ def test_pretrain_under_torchrun_ddp(tmp_path, small_corpus, cache_dir):
            "--corpus", str(small_corpus), "--out", str(out), "--sparsity", "0.5", "--method", "rigl", "--max-steps", "12",
            "--batch-size", "4", "--device", "cpu", "--no-progress", "--set", "model.n_layer=2", "--set", "model.n_embd=32",
            "--set", "model.n_head=2", "--set", "model.vocab_size=512", "--set", "model.block_size=32",
-           "--set", "warmup_steps=2", "--set", "eval_every=6", "--set", "update_every=4", "--set", "eval_batches=2"]
+           "--set", "optim.warmup_steps=2", "--set", "run.eval_every=6", "--set", "sparsity.update_every=4", "--set", "run.eval_batches=2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

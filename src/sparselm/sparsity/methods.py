@@ -2,8 +2,12 @@
 
 ``Sparsifier`` owns what every method shares: the masked parameters, exact per-layer masks,
 applying them, the invariant check, optimizer-state hygiene and checkpoint state. A method
-overrides at most three hooks: ``init_masks`` (the starting masks), ``is_update_step`` and
-``update_masks`` (how masks move). A training loop calls two methods::
+overrides at most a few hooks: ``init_masks`` (the starting masks), ``update_masks(step, grads)``
+(how masks move on the steps its ``Schedule`` names) and, for planning without a model,
+``planned_sparsity``. Its own settings are an ``Options`` dataclass, declared once and read by the
+config checks, the CLI and the experiment runner; ``register_method`` adds a method by name.
+
+A training loop calls two methods::
 
     sparsifier = Static(sparsity=0.75).attach(model, optimizer)
     ...
@@ -17,15 +21,18 @@ weights are exactly zero after every optimizer step.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .. import config
 from . import masks as M
 from .distributions import per_layer_sparsity
-from .schedules import SCHEDULES, cosine_decay, fraction_to_step
+from .schedules import CURVES, Schedule, cosine_decay
 from .selection import DEFAULT_EXCLUDE, Target, select_targets
 
 
@@ -37,7 +44,15 @@ class Sparsifier:
     """Shared machinery; on its own it is a fixed random mask (SPDF's static sparsity)."""
 
     name = "static"
+    help = "fixed random mask (SPDF)"
     init = "random"  # or "magnitude"
+    needs_schedule = False  # methods that move masks take a Schedule
+    needs_dense_grads = False  # RigL reads the dense gradient on update steps
+    default_start, default_end = 0.0, 1.0  # the schedule's span when the config gives none
+
+    @dataclass
+    class Options:
+        """Method-specific settings (none for static)."""
 
     def __init__(
         self,
@@ -47,7 +62,8 @@ class Sparsifier:
         exclude: list[str] | tuple[str, ...] | None = DEFAULT_EXCLUDE,
         seed: int = 0,
         n_m: tuple[int, int] | None = None,
-        total_steps: int | None = None,
+        schedule: Schedule | None = None,
+        **options,
     ):
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -58,15 +74,20 @@ class Sparsifier:
             if distribution not in ("uniform", "random"):
                 raise ValueError("an N:M mask fixes every layer at 1 - N/M; use distribution='uniform'")
             sparsity = 1.0 - n / m
+        if self.needs_schedule and schedule is None:
+            raise ValueError(f"{self.name} moves masks during training and needs a schedule: "
+                             f"schedule=Schedule.of(total_steps, update_every, start, end)")
         self.sparsity = float(sparsity)
         self.distribution = distribution
         self.include, self.exclude = include, exclude
         self.seed = int(seed)
         self.n_m = tuple(n_m) if n_m is not None else None
-        self.total_steps = total_steps
+        self.schedule = schedule
+        self.options = config.from_dict(self.Options, options, source=f"{self.name} options", prefix=f"{self.name}.")
         self.targets: list[Target] = []
         self.masks: dict[str, torch.Tensor] = {}
         self.optimizer: torch.optim.Optimizer | None = None
+        self._dense_grads: dict[str, torch.Tensor] | None = None
 
     # ---- setup -------------------------------------------------------------------------
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> "Sparsifier":
@@ -94,7 +115,7 @@ class Sparsifier:
         """Top-k (or N:M) masks over per-layer scores at a global sparsity."""
         out = {}
         per_layer = self.layer_sparsity(sparsity)
-        for i, t in enumerate(self.targets):
+        for t in self.targets:
             s = scores[t.name]
             if self.n_m is not None:
                 n, m = self.n_m
@@ -116,7 +137,11 @@ class Sparsifier:
     # ---- the two calls a training loop makes --------------------------------------------
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
-        """Zero the gradients of pruned weights (call after the last backward of a step)."""
+        """Zero the gradients of pruned weights (call after the last backward of a step). On an
+        update step of a method that reads dense gradients, keep a copy for ``update_masks`` first."""
+        if self.needs_dense_grads and self.is_update_step(step):
+            self._dense_grads = {t.name: t.param.grad.detach().clone() if t.param.grad is not None
+                                 else torch.zeros_like(t.param) for t in self.targets}
         for t in self.targets:
             if t.param.grad is not None:
                 t.param.grad.mul_(self.masks[t.name])
@@ -125,22 +150,30 @@ class Sparsifier:
     def after_step(self, step: int) -> None:
         """Move masks if this is an update step, then zero pruned weights."""
         if self.is_update_step(step):
+            grads, self._dense_grads = self._dense_grads, None
+            if self.needs_dense_grads and grads is None:
+                raise RuntimeError(f"{self.name}: after_backward must run on update steps before after_step")
             old = self.masks
-            self.masks = self.update_masks(step)
+            self.masks = self.update_masks(step, grads)
             self._sync_masks()
             self._reset_changed(old, self.masks)
         self.apply_masks()
 
     # ---- method hooks ---------------------------------------------------------------------
     def is_update_step(self, step: int) -> bool:
-        return False
+        return self.schedule is not None and self.schedule.is_update_step(step)
 
-    def update_masks(self, step: int) -> dict[str, torch.Tensor]:
+    def update_masks(self, step: int, grads: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """New masks on an update step; ``grads`` are the dense gradients when ``needs_dense_grads``."""
         return self.masks
 
     def dense_gradient_step(self, step: int) -> bool:
-        """Whether this step needs the dense weight gradient (RigL), for FLOP accounting."""
-        return False
+        """Whether this step computes the dense weight gradient (RigL), for FLOP accounting."""
+        return self.needs_dense_grads and self.is_update_step(step)
+
+    def planned_sparsity(self, step: int) -> float:
+        """Global sparsity of the masks in use during ``step``, known without a model (dry-run FLOPs)."""
+        return self.sparsity
 
     # ---- invariant, state -----------------------------------------------------------------
     @torch.no_grad()
@@ -174,6 +207,8 @@ class Sparsifier:
             "measured": global_sparsity(self.masks),
             "masked_params": total,
             "nonzero_masked_params": sum(int(m.sum()) for m in self.masks.values()),
+            "schedule": self.schedule.to_dict() if self.schedule is not None else None,
+            "options": dataclasses.asdict(self.options),
             "layers": {k: 1.0 - d for k, d in self.densities().items()},
         }
 
@@ -232,74 +267,72 @@ class Magnitude(Sparsifier):
     the "prune then fine-tune" baseline."""
 
     name = "magnitude"
+    help = "one-shot magnitude pruning at the start, then a fixed mask"
     init = "magnitude"
 
 
-class _Scheduled(Sparsifier):
-    """Shared by methods that move masks every ``update_every`` steps between ``start`` and ``end``
-    (steps, or fractions of ``total_steps``)."""
-
-    def __init__(self, *args, update_every: int = 100, start: float | int = 0.25, end: float | int = 0.75, **kw):
-        super().__init__(*args, **kw)
-        if self.total_steps is None:
-            raise ValueError(f"{self.name} needs total_steps to place its schedule")
-        self.update_every = int(update_every)
-        if self.update_every < 1:
-            raise ValueError("update_every must be >= 1")
-        self.start = fraction_to_step(start, self.total_steps)
-        self.end = fraction_to_step(end, self.total_steps)
-        if not 0 <= self.start <= self.end:
-            raise ValueError(f"schedule needs 0 <= start <= end, got start={self.start} end={self.end} steps")
-
-
-class GMP(_Scheduled):
-    """Gradual magnitude pruning (Zhu & Gupta 2017): dense start, sparsity rises along the
-    schedule from ``start`` to ``end`` (The Journey Matters, 2025: 25% -> 75% of training) by
-    pruning the smallest-magnitude weights; masks stay fixed after ``end``."""
+class GMP(Sparsifier):
+    """Gradual magnitude pruning (Zhu & Gupta 2017): dense start, sparsity rises along a curve
+    from the schedule's start to its end (The Journey Matters, 2025: 25% -> 75% of training) by
+    pruning the smallest-magnitude weights; masks stay fixed after the end."""
 
     name = "gmp"
+    help = "gradual magnitude pruning from dense, along a curve between start and end"
+    needs_schedule = True
+    default_start, default_end = 0.25, 0.75
 
-    def __init__(self, *args, schedule: str = "cubic", **kw):
-        super().__init__(*args, **kw)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-        self.schedule = schedule
+    @dataclass
+    class Options:
+        curve: str = config.option("cubic", "sparsity curve between start and end", choices=CURVES)
 
     def target_at(self, step: int) -> float:
-        return SCHEDULES[self.schedule](step, self.sparsity, self.start, self.end)
+        return CURVES[self.options.curve](self.schedule.progress(step), self.sparsity)
 
     def init_masks(self):
         return {t.name: torch.ones(t.param.shape, dtype=torch.bool) for t in self.targets}
 
-    def is_update_step(self, step: int) -> bool:
-        return self.start <= step <= self.end and ((step - self.start) % self.update_every == 0 or step == self.end)
-
-    def update_masks(self, step):
+    def update_masks(self, step, grads):
         scores = {t.name: t.param.detach().abs() * self.masks[t.name] for t in self.targets}
         return self.masks_for(self.target_at(step), scores)
 
+    def planned_sparsity(self, step: int) -> float:
+        last = self.schedule.last_update_before(step)
+        return 0.0 if last is None else self.target_at(last)
 
-class SET(_Scheduled):
-    """Sparse Evolutionary Training (Mocanu et al. 2018): every ``update_every`` steps until ``end``,
-    drop the smallest-magnitude fraction of each layer's active weights and regrow as many at
-    random; per-layer density never changes. The drop fraction decays by cosine (RigL)."""
+
+class SET(Sparsifier):
+    """Sparse Evolutionary Training (Mocanu et al. 2018): on each update step drop the
+    smallest-magnitude fraction of each layer's active weights and regrow as many where
+    ``grow_scores`` is largest (SET: at random); per-layer density never changes. The drop fraction
+    decays along a cosine to 0 at the schedule's end (RigL); a step that would drop nothing is no
+    update."""
 
     name = "set"
+    help = "drop smallest weights, regrow at random (per-layer density fixed)"
+    needs_schedule = True
+    default_start, default_end = 0.0, 0.75
 
-    def __init__(self, *args, drop_fraction: float = 0.3, start: float | int = 0, end: float | int = 0.75, **kw):
-        super().__init__(*args, start=start, end=end, **kw)
+    @dataclass
+    class Options:
+        drop_fraction: float = config.option(0.3, "fraction of each layer's active weights dropped and regrown per update "
+                                                  "(cosine-decayed to 0 at the end)", lo=0.0, hi=1.0, lo_open=True)
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
         if self.n_m is not None:
-            raise ValueError(f"{self.name} moves unstructured masks; N:M is supported by static and gmp")
-        self.drop_fraction = float(drop_fraction)
+            raise ValueError(f"{self.name} moves unstructured masks; N:M is supported by static, magnitude and gmp")
+
+    def drop_fraction_at(self, step: int) -> float:
+        return cosine_decay(self.schedule.progress(step), self.options.drop_fraction)
 
     def is_update_step(self, step: int) -> bool:
-        return self.start < step < self.end and step % self.update_every == 0
+        return super().is_update_step(step) and self.drop_fraction_at(step) > 0
 
-    def grow_scores(self, step: int, i: int, t: Target) -> torch.Tensor:
+    def grow_scores(self, step: int, i: int, t: Target, grads) -> torch.Tensor:
         return M.random_scores(t.param.shape, self.generator(i, step)).to(t.param.device)
 
-    def update_masks(self, step):
-        frac = cosine_decay(step, self.drop_fraction, self.end)
+    def update_masks(self, step, grads):
+        frac = self.drop_fraction_at(step)
         new = {}
         for i, t in enumerate(self.targets):
             mask = self.masks[t.name]
@@ -311,57 +344,47 @@ class SET(_Scheduled):
             neg = torch.finfo(torch.float32).min
             drop_scores = torch.where(mask, t.param.detach().abs().float(), torch.full_like(mask, neg, dtype=torch.float32))
             kept = M.topk_mask(drop_scores, n_active - n_drop)
-            grow = torch.where(kept, torch.full_like(mask, neg, dtype=torch.float32), self.grow_scores(step, i, t).float())
+            grow = torch.where(kept, torch.full_like(mask, neg, dtype=torch.float32), self.grow_scores(step, i, t, grads).float())
             new[t.name] = kept | M.topk_mask(grow, n_drop)
         return new
 
 
 class RigL(SET):
-    """RigL (Evci et al. 2020): as SET, but regrow where the dense gradient is largest. The dense
-    gradient is read only on update steps, before it is masked; it costs no extra memory beyond
-    one gradient-sized score per layer held for the update (FLOPs: see ``dense_gradient_step``)."""
+    """RigL (Evci et al. 2020): as SET, but regrow where the dense gradient is largest."""
 
     name = "rigl"
+    help = "as SET, but regrow where the dense gradient is largest"
+    needs_dense_grads = True
 
-    def after_backward(self, step: int) -> None:
-        if self.is_update_step(step):
-            self._grad_scores = {
-                t.name: t.param.grad.detach().abs().clone() if t.param.grad is not None else torch.zeros_like(t.param)
-                for t in self.targets
-            }
-        super().after_backward(step)
-
-    def grow_scores(self, step, i, t):
-        scores = getattr(self, "_grad_scores", None)
-        if scores is None:
-            raise RuntimeError("RigL.after_backward must run on update steps before after_step")
-        return scores[t.name]
-
-    def update_masks(self, step):
-        new = super().update_masks(step)
-        self._grad_scores = None
-        return new
-
-    def dense_gradient_step(self, step: int) -> bool:
-        return self.is_update_step(step)
+    def grow_scores(self, step, i, t, grads):
+        return grads[t.name].abs()
 
 
-METHODS: dict[str, type[Sparsifier]] = {
-    "static": Static,
-    "magnitude": Magnitude,
-    "gmp": GMP,
-    "set": SET,
-    "rigl": RigL,
-}
+METHODS: dict[str, type[Sparsifier]] = {}
+
+
+def register_method(cls: type[Sparsifier], replace: bool = False) -> type[Sparsifier]:
+    """Make a method available by ``cls.name`` to the config, the CLI and experiment specs."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls and not replace:
+        raise ValueError(f"a sparsity method named {cls.name!r} is already registered ({METHODS[cls.name].__name__})")
+    METHODS[cls.name] = cls
+    return cls
+
+
+for _cls in (Static, Magnitude, GMP, SET, RigL):
+    register_method(_cls)
+
+
+def get_method(name: str) -> type[Sparsifier]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown sparsity method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
 
 
 def make_sparsifier(method: str, **kwargs) -> Sparsifier:
     """Build a method by name; unknown names and options give a clear error."""
-    try:
-        cls = METHODS[method]
-    except KeyError:
-        raise ValueError(f"unknown sparsity method {method!r}; choose one of {sorted(METHODS)}") from None
-    return cls(**kwargs)
+    return get_method(method)(**kwargs)
 
 
 def parse_n_m(text: str | None) -> tuple[int, int] | None:
@@ -381,6 +404,6 @@ def global_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
 
 
 __all__ = [
-    "Sparsifier", "Static", "Magnitude", "GMP", "SET", "RigL", "METHODS", "make_sparsifier",
-    "SparsityViolation", "parse_n_m", "global_sparsity",
+    "Sparsifier", "Static", "Magnitude", "GMP", "SET", "RigL", "METHODS", "get_method", "make_sparsifier",
+    "register_method", "SparsityViolation", "parse_n_m", "global_sparsity",
 ]
