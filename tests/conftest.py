@@ -33,19 +33,50 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+# Short names for config keys in tests: a flat key goes to the section that has a field of that name.
+ALIASES = {"sparsity": "sparsity.target", "preset": "model.preset"}
+
+
+def nested(cls, flat: dict) -> dict:
+    """``{"lr": 3e-3, "sparsity": 0.5, "model": {...}}`` -> the nested dict of config ``cls``."""
+    import dataclasses
+    import typing
+
+    sections = {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+    out: dict = {}
+    for key, value in flat.items():
+        if key in sections and isinstance(value, dict):
+            out.setdefault(key, {}).update(value)
+            continue
+        dotted = ALIASES.get(key) if key in ALIASES and ALIASES[key].split(".")[0] in sections else None
+        if dotted is None:
+            owners = [s for s, t in sections.items() if key in {f.name for f in dataclasses.fields(t)}]
+            assert len(owners) == 1, f"test config key {key!r} is in sections {owners}"
+            dotted = f"{owners[0]}.{key}"
+        section, leaf = dotted.split(".")
+        out.setdefault(section, {})[leaf] = value
+    return out
+
+
+def make_config(cls, **flat):
+    from sparselm import config
+
+    return config.from_dict(cls, nested(cls, flat), source="test")
+
+
 @pytest.fixture
 def micro_config(small_corpus, cache_dir, tmp_path):
-    """A factory of PretrainConfig for a 2-layer, d=32 GPT on the small corpus."""
+    """A factory of PretrainConfig for a 2-layer, d=32 GPT on the small corpus (flat test keys)."""
     from sparselm.training import PretrainConfig
 
     def make(**kw):
         base = dict(
             preset="tiny", model=dict(MICRO_MODEL), corpus=str(small_corpus), cache_dir=str(cache_dir),
             out=str(tmp_path / "run"), max_steps=20, batch_size=8, warmup_steps=5, eval_every=10,
-            ckpt_every=10, log_every=1, eval_batches=2, lr=3e-3,
+            ckpt_every=10, log_every=1, eval_batches=2, lr=3e-3, progress=False,
         )
         base.update(kw)
-        return PretrainConfig(**base)
+        return make_config(PretrainConfig, **base)
 
     return make
 
@@ -63,8 +94,8 @@ def sparse_run(tmp_path_factory, small_corpus, cache_dir):
     from sparselm.training import PretrainConfig, pretrain
 
     out = tmp_path_factory.mktemp("pretrained") / "run"
-    cfg = PretrainConfig(
-        preset="tiny", model=dict(MICRO_MODEL, block_size=128), corpus=str(small_corpus), cache_dir=str(cache_dir),
+    cfg = make_config(
+        PretrainConfig, preset="tiny", model=dict(MICRO_MODEL, block_size=128), corpus=str(small_corpus), cache_dir=str(cache_dir),
         out=str(out), sparsity=0.5, max_steps=30, batch_size=8, warmup_steps=5, eval_every=30, ckpt_every=30, eval_batches=2,
     )
     pretrain(cfg, progress=False, log=lambda *_: None)

@@ -12,7 +12,8 @@ import yaml
 
 from sparselm.experiments import SpecError, builtin_specs, load_spec
 from sparselm.experiments.report import report_from_dir, write_report
-from sparselm.experiments.runner import dry_run, plan
+from sparselm.experiments.grid import plan
+from sparselm.experiments.runner import dry_run
 
 
 def test_builtin_specs_validate_and_dry_run(tmp_path):
@@ -40,9 +41,13 @@ def test_plan_skips_redundant_cells(tmp_path):
     ({"methods": ["magic"]}, r"methods: unknown \['magic'\]"),
     ({"sparsities": [0.5, 1.2]}, "sparsities: 1.2 is not a fraction"),
     ({"tokens": 100}, "less than one step"),
-    ({"pretrain": {"max_steps": 10, "warmup_steps": 50}}, "warmup_steps=50 must be below"),
-    ({"pretrain": {"sparsity": 0.5}}, "set it with the spec's top-level"),
-    ({"finetune": {"epochz": 3}}, r"finetune: unknown field\(s\) \['epochz'\]"),
+    ({"pretrain": {"optim": {"max_steps": 10, "warmup_steps": 50}}}, "warmup_steps=50 must be below"),
+    ({"pretrain": {"sparsity": {"target": 0.5}}}, "pretrain.sparsity.target: set by the grid"),
+    ({"pretrain": {"optim": {"lr": "fast"}}}, "optim.lr: expected float, got 'fast' .spec"),
+    ({"pretrain": {"sparsity": {"end": 0.1}}, "methods": ["gmp"]}, "no update step"),
+    ({"method_options": {"set": {"drop_fraction": 0.2}}}, r"method_options: \['set'\] are not among"),
+    ({"methods": ["set"], "method_options": {"set": {"drop_fraction": 2}}}, "drop_fraction: 2.0 is out of range"),
+    ({"finetune": {"optim": {"epochz": 3}}}, "finetune: optim.epochz: unknown key"),
     ({"eval_limit": 0}, "eval_limit"),
     ({"colour": "blue"}, r"unknown field\(s\) \['colour'\]"),
 ])
@@ -64,9 +69,11 @@ def micro_spec(tmp_path, corpus) -> str:
     spec = {
         "name": "micro", "preset": "tiny", "corpus": str(corpus),
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 128, "vocab_size": 512},
-        "pretrain": {"max_steps": 40, "batch_size": 8, "warmup_steps": 4, "eval_every": 20, "ckpt_every": 10, "eval_batches": 2},
+        "pretrain": {"optim": {"max_steps": 40, "batch_size": 8, "warmup_steps": 4},
+                     "run": {"eval_every": 20, "ckpt_every": 10, "eval_batches": 2}},
         "sparsities": [0.0, 0.5], "tasks": ["e2e"], "modes": ["dense", "sparse"],
-        "finetune": {"max_steps": 6, "batch_size": 8, "limit_train": 48, "val_limit": 8, "eval_every": 6, "ckpt_every": 3},
+        "finetune": {"optim": {"max_steps": 6, "batch_size": 8}, "data": {"limit_train": 48, "val_limit": 8},
+                     "run": {"eval_every": 6, "ckpt_every": 3}},
         "eval_limit": 4, "decoding": {"num_beams": 2, "max_new_tokens": 12},
     }
     path = tmp_path / "micro.yaml"

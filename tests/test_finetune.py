@@ -12,6 +12,8 @@ from sparselm.models.loss import collate, encode_pairs, target_loss
 from sparselm.models.runs import load_run
 from sparselm.training import FinetuneConfig, finetune
 
+from conftest import MICRO_MODEL, make_config
+
 
 def test_labels_mask_the_prompt(sparse_run):
     model, tok, _, _ = load_run(sparse_run)
@@ -31,9 +33,10 @@ def test_labels_mask_the_prompt(sparse_run):
 
 
 def run_ft(sparse_run, tmp_path, mode, **kw):
-    cfg = FinetuneConfig(from_run=str(sparse_run), task="e2e", mode=mode, out=str(tmp_path / mode), max_steps=12,
-                         batch_size=8, limit_train=96, val_limit=16, eval_every=6, ckpt_every=6, lr=3e-3, **kw)
-    return finetune(cfg, progress=False, log=lambda *_: None), tmp_path / mode
+    cfg = make_config(FinetuneConfig, from_run=str(sparse_run), task="e2e", mode=mode, out=str(tmp_path / mode),
+                      max_steps=12, batch_size=8, limit_train=96, val_limit=16, eval_every=6, ckpt_every=6, lr=3e-3,
+                      progress=False, **kw)
+    return finetune(cfg, log=lambda *_: None), tmp_path / mode
 
 
 def test_dense_mode_updates_formerly_zero_weights(sparse_run, tmp_path):
@@ -75,8 +78,7 @@ def test_evaluate_is_deterministic_and_resume_refused(sparse_run, tmp_path):
     assert a["metrics"] == b["metrics"] and hyps_a == (out / "eval" / "e2e-test.hyp.txt").read_text()
     assert set(a["metrics"]) == {"bleu", "nist", "meteor", "rouge_l", "cider", "val_ppl"}
     assert len(hyps_a.splitlines()) == 6
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["metrics"]["e2e-test"] == a["metrics"]
+    assert json.loads((out / "eval" / "e2e-test.json").read_text())["metrics"] == a["metrics"]
     with pytest.raises(FileExistsError):
         run_ft(sparse_run, tmp_path, "dense")
 
@@ -92,10 +94,10 @@ def test_prompts_too_long_for_the_context_are_counted_not_hidden(sparse_run):
 
 
 def test_bad_inputs(sparse_run, tmp_path):
-    with pytest.raises(ValueError, match="unknown fine-tuning mode"):
-        FinetuneConfig(from_run="x", mode="half")
+    with pytest.raises(ValueError, match="tuning.mode: 'half' is not one of dense, sparse, lora"):
+        make_config(FinetuneConfig, from_run="x", mode="half")
     with pytest.raises(FileNotFoundError, match="not a model directory"):
-        finetune(FinetuneConfig(from_run=str(tmp_path), out=str(tmp_path / "o")), progress=False)
+        finetune(make_config(FinetuneConfig, from_run=str(tmp_path), out=str(tmp_path / "o")), progress=False)
 
 
 def test_prune_a_dense_run_then_finetune_sparse(sparse_run, tmp_path, micro_config):
@@ -103,7 +105,7 @@ def test_prune_a_dense_run_then_finetune_sparse(sparse_run, tmp_path, micro_conf
     from sparselm.training import pretrain
 
     dense = tmp_path / "dense"
-    pretrain(micro_config(out=str(dense), model=dict(micro_config().model, block_size=128), max_steps=10),
+    pretrain(micro_config(out=str(dense), model=dict(MICRO_MODEL, block_size=128), max_steps=10),
              progress=False, log=lambda *_: None)
     assert main(["prune", "--from", str(dense), "--out", str(tmp_path / "pruned"), "--sparsity", "0.5", "--n-m", "2:4"]) == 0
     masks = load_file(str(tmp_path / "pruned" / "masks.safetensors"))

@@ -1,77 +1,124 @@
-"""``sparselm`` command line: thin wrappers that parse flags and call the library."""
+"""``sparselm`` command line: thin wrappers that parse flags into the one config system and call the library.
+
+Every training command takes ``--config FILE.yaml`` and ``--set section.key=value`` (any config key);
+its flags are shortcuts for config keys and their help shows the key and its default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
-import yaml
+from .. import __version__
 
 
-def _kv(text: str):
-    """--set key=value (value parsed as YAML: numbers, bools, lists)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+# ---- flags that are shortcuts for config keys -----------------------------------------------------
+def _field(cls: type, dotted: str) -> dataclasses.Field:
+    """The dataclass field behind a dotted config key (for its help text and default)."""
+    *sections, leaf = dotted.split(".")
+    for s in sections:
+        cls = typing.get_type_hints(cls)[s]
+    return next(f for f in dataclasses.fields(cls) if f.name == leaf)
+
+
+def _flag(p: argparse.ArgumentParser, cls: type, key: str, *names: str, **kw) -> None:
+    """A flag for config key ``key``: help and default come from the config's declaration."""
+    f = _field(cls, key)
+    default = f.default if f.default is not dataclasses.MISSING else None
+    shown = "the preset's" if default is None and key.startswith("optim.") else default
+    help_text = kw.pop("help", None) or f.metadata.get("help", "")
+    p.add_argument(*names, dest=key, default=None,
+                   help=f"{help_text} (default: {shown}; config key {key})", **kw)
+
+
+def _common_run_flags(p: argparse.ArgumentParser, cls: type, default_out: str) -> None:
+    _flag(p, cls, "run.out", "--out", metavar="DIR", help=f"run directory (default {default_out})")
+    _flag(p, cls, "run.seed", "--seed", type=int)
+    _flag(p, cls, "run.device", "--device")
+    _flag(p, cls, "run.dtype", "--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--compile", dest="run.compile", action="store_const", const=True, default=None,
+                   help="torch.compile the model for training (CPU: inductor with the system C compiler; config key run.compile)")
+    p.add_argument("--config", metavar="FILE", help="YAML file of config values, nested by section (flags and --set win)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set optim.warmup_steps=20 --set model.n_layer=2 --set sparsity.options.drop_fraction=0.2")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (a finished run: nothing to do)")
+    p.add_argument("--no-progress", dest="run.progress", action="store_const", const=False, default=None, help="no progress bar")
+
+
+NOT_CONFIG = {"func", "command", "config", "overrides", "resume"}
+
+
+def _config_flags(args) -> dict:
+    """The flags that are shortcuts for config keys (their dest is the key)."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+
+
+def _warn_device(cfg_run) -> None:
+    """Say when an option does not do what the user may expect on this device."""
+    import torch
+
+    cuda = torch.cuda.is_available() and cfg_run.device != "cpu"
+    if cfg_run.dtype == "float16" and not cuda:
+        logging.getLogger("sparselm").warning("warning: float16 autocast on the CPU is slow and loses precision; use bfloat16 or float32")
 
 
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help="model preset: tiny, small, gpt2-small, gpt2-medium, gpt3-xl (default tiny)")
-    p.add_argument("--config", help="YAML file of config values (CLI flags win)")
-    p.add_argument("--out", help="run directory (default runs/pretrain)")
-    p.add_argument("--corpus", help="folder of .txt/.jsonl files (default $SPARSELM_DATA/corpus or ../shared/data/corpus)")
-    p.add_argument("--sparsity", type=float, help="target fraction of zeros in the block linears (default 0)")
-    p.add_argument("--method", choices=["static", "magnitude", "gmp", "set", "rigl"], help="sparse-training method (default static)")
-    p.add_argument("--distribution", choices=["uniform", "random", "erk"], help="per-layer sparsity distribution (default uniform)")
-    p.add_argument("--n-m", dest="n_m", help="N:M structured masks, e.g. 2:4 (static, gmp)")
-    p.add_argument("--max-steps", dest="max_steps", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--grad-accum", dest="grad_accum", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (CUDA)")
-    p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="KEY=VALUE",
-                   help="any config field, e.g. --set warmup_steps=20 --set model.n_layer=2")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from ..sparsity import METHODS
+    from ..sparsity.distributions import DISTRIBUTIONS
+    from ..training.config import PretrainConfig as C
+
+    _flag(p, C, "model.preset", "--preset", help="model shape: " + ", ".join(_presets()))
+    _flag(p, C, "data.corpus", "--corpus", metavar="DIR")
+    _flag(p, C, "sparsity.target", "--sparsity", type=float)
+    _flag(p, C, "sparsity.method", "--method", choices=sorted(METHODS),
+          help="; ".join(f"{name}: {cls.help}" for name, cls in sorted(METHODS.items())))
+    _flag(p, C, "sparsity.distribution", "--distribution", choices=sorted(DISTRIBUTIONS))
+    _flag(p, C, "sparsity.n_m", "--n-m", metavar="N:M")
+    _flag(p, C, "optim.max_steps", "--max-steps", type=int)
+    _flag(p, C, "optim.batch_size", "--batch-size", type=int)
+    _flag(p, C, "optim.grad_accum", "--grad-accum", type=int)
+    _flag(p, C, "optim.lr", "--lr", type=float)
+    _common_run_flags(p, C, "runs/pretrain")
+
+
+def _presets() -> list[str]:
+    from ..models import PRESETS
+
+    return sorted(PRESETS)
 
 
 def cmd_pretrain(args) -> int:
-    from ..training import load_config, pretrain
+    from ..training import load_pretrain_config, pretrain
 
-    overrides = {k: getattr(args, k) for k in ("preset", "out", "corpus", "sparsity", "method", "distribution",
-                                               "n_m", "max_steps", "batch_size", "grad_accum", "lr", "seed", "device", "compile")}
-    model = {}
-    for key, value in args.overrides:
-        if key.startswith("model."):
-            model[key[len("model."):]] = value
-        else:
-            overrides[key] = value
-    cfg = load_config(args.config, model=model, **overrides)
+    cfg = load_pretrain_config(args.config, args.overrides, _config_flags(args))
+    _warn_device(cfg.run)
     shape = cfg.shape()
-    print(f"pretrain {cfg.preset} ({shape.n_layer}L d={shape.n_embd} T={shape.block_size} V={shape.vocab_size}) "
-          f"sparsity={cfg.sparsity} method={cfg.method} steps={cfg.max_steps} tokens/step={cfg.tokens_per_step} -> {cfg.out}")
-    summary = pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"pretrain {cfg.model.preset} ({shape.family}, {shape.n_layer}L d={shape.n_embd} T={shape.block_size} "
+          f"V={shape.vocab_size}) sparsity={cfg.sparsity.target} method={cfg.sparsity.method} steps={cfg.optim.max_steps} "
+          f"tokens/step={cfg.tokens_per_step} -> {cfg.run.out}")
+    summary = pretrain(cfg, resume=args.resume)
     print(f"done: val loss {summary['final_val_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f}), "
           f"sparsity {summary['sparsity']['measured']:.4f}, train FLOPs {summary['train_flops']:.3e} "
           f"(dense {summary['dense_train_flops']:.3e}, {summary['flops_reduction']:.2f}x fewer), "
-          f"{summary['wall_time_s']:.0f}s -> {cfg.out}")
+          f"{summary['wall_time_s']:.0f}s -> {cfg.run.out}")
     return 0
 
 
 def cmd_flops(args) -> int:
-    from .. import flops
-    from ..models import get_preset
+    from .. import config, flops
+    from ..training.config import ModelConfig
 
-    shape = get_preset(args.preset).override(**dict(args.overrides))
+    model = config.load(ModelConfig, overrides=[o.removeprefix("model.") for o in args.overrides],
+                        flags={"preset": args.preset})
+    shape = model.shape()
     rows = flops.flops_table(shape, args.sparsity)
-    print(f"forward FLOPs per token, {args.preset} (L={shape.n_layer} d={shape.n_embd} T={shape.block_size} "
-          f"V={shape.vocab_size}), sparsity {args.sparsity} on the block linears")
+    print(f"forward FLOPs per token, {args.preset} ({shape.family}, L={shape.n_layer} d={shape.n_embd} "
+          f"T={shape.block_size} V={shape.vocab_size}), sparsity {args.sparsity} on the block linears")
     print(f"{'component':<14}{'dense':>14}{'sparse':>14}")
     for name, dense, sparse in rows:
         print(f"{name:<14}{dense:>14.4e}{sparse:>14.4e}")
@@ -92,26 +139,26 @@ def quiet_transformers() -> None:
 
 
 def cmd_prune(args) -> int:
-    from ..sparsity import parse_n_m
+    from .. import config
+    from ..training.config import PruneConfig
     from ..training.prune import prune_run
 
-    s = prune_run(args.from_run, args.out, args.sparsity, args.distribution, parse_n_m(args.n_m))
-    print(f"pruned {args.from_run} by magnitude to sparsity {s['sparsity']['measured']:.4f} -> {args.out}")
+    cfg = config.load(PruneConfig, args.config, args.overrides, _config_flags(args))
+    s = prune_run(cfg)
+    print(f"pruned {cfg.from_run} by magnitude to sparsity {s['sparsity']['measured']:.4f} -> {cfg.out}")
     return 0
 
 
 def cmd_finetune(args) -> int:
-    from ..training import FinetuneConfig, finetune
+    from ..training import finetune, load_finetune_config
 
-    values = {k: getattr(args, k) for k in ("task", "mode", "out", "data_dir", "epochs", "max_steps", "batch_size",
-                                            "lr", "limit_train", "seed", "device") if getattr(args, k) is not None}
-    values.update(dict(args.overrides))
-    cfg = FinetuneConfig(from_run=args.from_run, skip_bad_rows=args.skip_bad_rows, **values)
-    print(f"finetune {cfg.from_run} on {cfg.task} ({cfg.mode}) -> {cfg.out}")
-    s = finetune(cfg, resume=args.resume, progress=not args.no_progress)
+    cfg = load_finetune_config(args.config, args.overrides, _config_flags(args))
+    _warn_device(cfg.run)
+    print(f"finetune {cfg.model.from_run} on {cfg.data.task} ({cfg.tuning.mode}) -> {cfg.run.out}")
+    s = finetune(cfg, resume=args.resume)
     print(f"done: {s['steps']} steps ({s['epochs']:.2f} epochs), val loss {s['initial_val_loss']:.3f} -> "
           f"{s['final_val_loss']:.3f} (ppl {s['final_val_ppl']:.2f}), fine-tuning FLOPs {s['finetune_flops']:.3e}, "
-          f"{s['wall_time_s']:.0f}s -> {cfg.out}")
+          f"{s['wall_time_s']:.0f}s -> {cfg.run.out}")
     return 0
 
 
@@ -172,92 +219,104 @@ def cmd_scaling_fit(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparselm", description="Sparse pre-training and dense fine-tuning of GPT models")
+    from ..data.tasks import TASKS
+    from ..training.config import FinetuneConfig as F
+    from ..training.config import PruneConfig as P
+
+    parser = argparse.ArgumentParser(prog="sparselm", description="Sparse pre-training and dense fine-tuning of GPT-style models")
+    parser.add_argument("--version", action="version", version=f"sparselm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="pre-train a (sparse) GPT on a text corpus")
+    p = sub.add_parser("pretrain", help="pre-train a (sparse) model on a text corpus")
     _pretrain_args(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("flops", help="per-component FLOPs of a preset, dense vs sparse")
-    p.add_argument("--preset", default="gpt3-xl")
-    p.add_argument("--sparsity", type=float, default=0.75)
+    p.add_argument("--preset", default="gpt3-xl", help="model shape: " + ", ".join(_presets()) + " (default gpt3-xl)")
+    p.add_argument("--sparsity", type=float, default=0.75, help="sparsity of the block linears (default 0.75)")
     p.add_argument("--tokens", type=float, help="also total training FLOPs for this many tokens")
-    p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.FIELD=VALUE",
+                   help="override a shape field, e.g. --set model.n_layer=2")
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("prune", help="one-shot magnitude pruning of a dense run (prune-then-fine-tune baseline)")
-    p.add_argument("--from", dest="from_run", required=True, help="dense run directory")
-    p.add_argument("--out", required=True)
-    p.add_argument("--sparsity", type=float, default=0.75)
-    p.add_argument("--distribution", choices=["uniform", "erk"], default="uniform")
-    p.add_argument("--n-m", dest="n_m", help="N:M structured masks, e.g. 2:4")
+    _flag(p, P, "from_run", "--from", metavar="DIR")
+    _flag(p, P, "out", "--out", metavar="DIR")
+    _flag(p, P, "target", "--sparsity", type=float)
+    _flag(p, P, "distribution", "--distribution", choices=["uniform", "erk"])
+    _flag(p, P, "n_m", "--n-m", metavar="N:M")
+    p.add_argument("--config", metavar="FILE", help="YAML file of prune config values")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any prune config key")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("finetune", help="fine-tune a pre-trained run on a data-to-text task (dense = SPDF)")
-    p.add_argument("--from", dest="from_run", required=True, help="pre-training run directory (or any HF GPT-2 directory)")
-    p.add_argument("--task", help="e2e, e2e-cleaned, webnlg, dart, jsonl (default e2e)")
-    p.add_argument("--mode", choices=["dense", "sparse", "lora"], help="dense (SPDF, default), sparse (masks kept), lora")
-    p.add_argument("--out", help="run directory (default runs/finetune)")
-    p.add_argument("--data-dir", help="task folder (default: its folder in $SPARSELM_DATA / shared/data)")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--max-steps", dest="max_steps", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--limit-train", dest="limit_train", type=int, help="use only the first N training pairs")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) malformed rows instead of failing")
-    p.add_argument("--set", dest="overrides", type=_kv, action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    _flag(p, F, "model.from_run", "--from", metavar="DIR")
+    _flag(p, F, "data.task", "--task", choices=sorted(TASKS))
+    _flag(p, F, "tuning.mode", "--mode", choices=["dense", "sparse", "lora"])
+    _flag(p, F, "data.data_dir", "--data-dir", metavar="DIR")
+    _flag(p, F, "optim.epochs", "--epochs", type=float)
+    _flag(p, F, "optim.max_steps", "--max-steps", type=int)
+    _flag(p, F, "optim.batch_size", "--batch-size", type=int)
+    _flag(p, F, "optim.lr", "--lr", type=float)
+    _flag(p, F, "data.limit_train", "--limit-train", type=int)
+    p.add_argument("--skip-bad-rows", dest="data.skip_bad_rows", action="store_const", const=True, default=None,
+                   help="skip (and count) malformed rows instead of failing (config key data.skip_bad_rows)")
+    _common_run_flags(p, F, "runs/finetune")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="beam-search a task split and score it with the official metrics")
     p.add_argument("--model", required=True, help="model directory (a fine-tuning run), or 'copy' for the copy-the-input baseline")
-    p.add_argument("--task", default="e2e")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--limit", type=int, help="first N inputs only")
-    p.add_argument("--beams", type=int, default=10)
-    p.add_argument("--length-penalty", type=float, default=0.9)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--data-dir")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--task", default="e2e", choices=sorted(TASKS), help="task (default e2e)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split (default test)")
+    p.add_argument("--limit", type=int, help="first N inputs only (default: all)")
+    p.add_argument("--beams", type=int, default=10, help="beam width (default 10)")
+    p.add_argument("--length-penalty", type=float, default=0.9, help="beam length penalty (default 0.9)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=4, help="forbid repeated n-grams of this size (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length limit (default 64)")
+    p.add_argument("--batch-size", type=int, default=16, help="inputs per generation batch (default 16)")
+    p.add_argument("--data-dir", help="task folder (default: its folder in $SPARSELM_DATA / shared/data)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("reproduce", help="run the SPDF grid of a spec and write a report (resumable)")
-    p.add_argument("--spec", default="cpu-demo", help="built-in spec (cpu-demo, cpu-full, gpu-small, paper-gpt2-small, "
+    p.add_argument("--spec", default="cpu-demo", help="built-in spec (cpu-demo, cpu-full, cpu-methods, gpu-small, paper-gpt2-small, "
                                                       "paper-gpt3-xl) or a YAML file (default cpu-demo)")
     p.add_argument("--out", help="output directory (default runs/<spec name>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan with FLOPs and an ETA, run nothing")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("scaling", help="scaling-law analysis of finished runs")
     ssub = p.add_subparsers(dest="scaling_command", required=True)
     f = ssub.add_parser("fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta (N = average non-zero params)")
     f.add_argument("runs", nargs="+", help="pre-training run directories and/or grid directories (results.json)")
-    f.add_argument("--out", default=".", help="where to write scaling_fit.json and scaling_fit.png")
+    f.add_argument("--out", default=".", help="where to write scaling_fit.json and scaling_fit.png (default .)")
     f.set_defaults(func=cmd_scaling_fit)
 
     p = sub.add_parser("report", help="regenerate report.md/.html and plots from a grid's results.json")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="grid output directory (holds results.json)")
     p.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..training.loop import TrainingInterrupted
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_transformers()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
+    except TrainingInterrupted as e:
+        print(f"sparselm {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print(f"sparselm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError, FloatingPointError) as e:
         if os.environ.get("SPARSELM_DEBUG"):
             raise
         print(f"sparselm {args.command}: error: {e}", file=sys.stderr)

@@ -1,18 +1,16 @@
 """Run an experiment grid: pre-train once per (sparsity, method, seed), fine-tune and evaluate each
 checkpoint per (task, mode). Experiments orchestrate; the training and evaluation packages compute.
 
-Resumable: a finished cell (its ``summary.json``, and for fine-tuning its evaluation) is skipped, an
+Resumable: a finished cell (its ``summary.json``; for fine-tuning, its evaluation result) is skipped, an
 interrupted one resumes from its checkpoint. A failing cell is recorded in ``failures/`` and the
 grid goes on; cells that depend on it are marked blocked.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -22,6 +20,8 @@ from ..evaluation.evaluate import evaluate
 from ..evaluation.generate import DecodingConfig
 from ..training import finetune, pretrain
 from ..training.distributed import pick_device
+from .grid import FinetuneCell, PretrainCell, plan
+from .results import collect, write_results
 from .spec import ExperimentSpec, SpecError
 
 # Throughputs used for --dry-run ETAs (dense-equivalent training FLOP/s: sparsity is simulated with
@@ -32,61 +32,17 @@ SECONDS_PER_GENERATED_INPUT = {"cpu": 0.12, "cuda": 0.01}  # beam 10, tiny prese
 FT_TOKENS_PER_PAIR = 64  # padded tokens per fine-tuning pair, for estimates
 
 
-@dataclass
-class PretrainCell:
-    name: str
-    sparsity: float
-    method: str
-    seed: int
-    dir: Path
-
-
-@dataclass
-class FinetuneCell:
-    name: str
-    pretrain: PretrainCell
-    task: str
-    mode: str
-    dir: Path
-
-
-def plan(spec: ExperimentSpec, out: Path) -> tuple[list[PretrainCell], list[FinetuneCell]]:
-    pre, fine = [], []
-    for seed in spec.seeds:
-        for sparsity in spec.sparsities:
-            for method in (["static"] if sparsity == 0 else spec.methods):  # one dense baseline per seed
-                label = "dense" if sparsity == 0 else method
-                name = f"s{round(100 * sparsity):02d}-{label}-seed{seed}"
-                cell = PretrainCell(name, float(sparsity), method, seed, out / "pretrain" / name)
-                pre.append(cell)
-                for task in spec.tasks:
-                    for mode in spec.modes:
-                        if sparsity == 0 and mode == "sparse":
-                            continue  # sparse fine-tuning of a dense model is dense fine-tuning
-                        fine.append(FinetuneCell(f"{name}/{task}-{mode}", cell, task, mode, out / "finetune" / name / f"{task}-{mode}"))
-    return pre, fine
-
-
-def _done(cell) -> bool:
-    if isinstance(cell, PretrainCell):
-        return (cell.dir / "summary.json").exists()
-    summary = cell.dir / "summary.json"
-    return summary.exists() and bool(json.loads(summary.read_text()).get("metrics"))
-
-
-def _planned_train_flops_per_token(cfg, shape, step: int) -> float:
-    """Training FLOPs per token the method will spend at ``step`` (uniform per-layer sparsity):
-    GMP follows its schedule from a dense start, RigL adds its dense-gradient update steps."""
-    from ..sparsity.schedules import SCHEDULES, fraction_to_step
-
-    sparsity = cfg.sparsity
-    if cfg.method == "gmp":
-        start, end = (fraction_to_step(x, cfg.max_steps) for x in (cfg.sparsity_start, cfg.sparsity_end))
-        updates = [t for t in range(start, min(step, end + 1)) if (t - start) % cfg.update_every == 0 or t == end]
-        sparsity = SCHEDULES[cfg.schedule](updates[-1], cfg.sparsity, start, end) if updates else 0.0
-    rigl_update = (cfg.method == "rigl" and cfg.sparsity > 0 and 0 < step < fraction_to_step(cfg.sparsity_end, cfg.max_steps)
-                   and step % cfg.update_every == 0)
-    return flops.train_flops_per_token(shape, 1.0 - sparsity, dense_weight_grad=rigl_update)
+def planned_pretrain_flops(cfg) -> float:
+    """Training FLOPs the configured method will spend, step by step, from its own plan (GMP's
+    dense start and schedule, RigL's dense-gradient steps), with no model built."""
+    shape = cfg.shape()
+    sparsifier = cfg.sparsity.build(cfg.optim.max_steps, cfg.run.seed)
+    if sparsifier is None:
+        return cfg.optim.max_steps * cfg.tokens_per_step * flops.train_flops_per_token(shape, 1.0)
+    return cfg.tokens_per_step * sum(
+        flops.train_flops_per_token(shape, 1.0 - sparsifier.planned_sparsity(step),
+                                    dense_weight_grad=sparsifier.dense_gradient_step(step))
+        for step in range(cfg.optim.max_steps))
 
 
 def dry_run(spec: ExperimentSpec, out: Path, device: str = "auto") -> str:
@@ -99,25 +55,25 @@ def dry_run(spec: ExperimentSpec, out: Path, device: str = "auto") -> str:
     for cell in pre:
         cfg = spec.pretrain_config(cell.sparsity, cell.method, cell.seed, str(cell.dir))
         shape = cfg.shape()
-        tokens = cfg.max_steps * cfg.tokens_per_step
+        tokens = cfg.optim.max_steps * cfg.tokens_per_step
         dense = tokens * flops.train_flops_per_token(shape, 1.0)
-        sparse = cfg.tokens_per_step * sum(_planned_train_flops_per_token(cfg, shape, step) for step in range(cfg.max_steps))
+        sparse = planned_pretrain_flops(cfg)
         eta = dense / FLOPS_PER_S[kind]
-        total_s += 0 if _done(cell) else eta
-        lines.append(f"{cell.name:<34}{tokens:>10.3g}{sparse:>14.3e}{dense:>14.3e}{duration(eta):>9}  {'done' if _done(cell) else 'todo'}")
+        total_s += 0 if cell.done() else eta
+        lines.append(f"{cell.name:<34}{tokens:>10.3g}{sparse:>14.3e}{dense:>14.3e}{duration(eta):>9}  {'done' if cell.done() else 'todo'}")
     from ..data.tasks import load_task
 
     shape = spec.pretrain_config(0.0, "static", spec.seeds[0], "x").shape()
     for task in spec.tasks:
-        data = load_task(task, spec.finetune.get("data_dir"))
+        data = load_task(task, spec.data_dir)
         ft = spec.finetune_config("x", task, "dense", 0, "x")
-        pairs = len(data.pairs("train")[: ft.limit_train] if ft.limit_train else data.pairs("train"))
-        steps = ft.max_steps or max(1, round(ft.epochs * math.ceil(pairs / ft.batch_size)))
-        tokens = steps * ft.batch_size * FT_TOKENS_PER_PAIR
+        pairs = len(data.pairs("train")[: ft.data.limit_train] if ft.data.limit_train else data.pairs("train"))
+        steps = ft.optim.max_steps or max(1, round(ft.optim.epochs * math.ceil(pairs / ft.optim.batch_size)))
+        tokens = steps * ft.optim.batch_size * FT_TOKENS_PER_PAIR
         n_eval = min(spec.eval_limit or 10**9, len(data.splits[spec.eval_split]))
         cells = [c for c in fine if c.task == task]
         eta = tokens * flops.train_flops_per_token(shape, 1.0) / FLOPS_PER_S[kind] + n_eval * SECONDS_PER_GENERATED_INPUT[kind]
-        todo = [c for c in cells if not _done(c)]
+        todo = [c for c in cells if not c.done()]
         total_s += eta * len(todo)
         lines.append(f"{'finetune+eval ' + task:<34}{tokens:>10.3g}{'':>14}{tokens * flops.train_flops_per_token(shape, 1.0):>14.3e}"
                      f"{duration(eta):>9}  x{len(cells)} cells, {len(todo)} todo")
@@ -134,15 +90,11 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86400:,.1f} days"
 
 
-def _record_failure(out: Path, name: str, error: BaseException, log) -> None:
-    path = out / "failures" / (name.replace("/", "__") + ".txt")
+def _record_failure(cell: PretrainCell | FinetuneCell, error: BaseException, log) -> None:
+    path = cell.failure_file
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(traceback.format_exception(error)))
-    log(f"FAILED {name}: {type(error).__name__}: {error} (traceback in {path})")
-
-
-def _clear_failure(out: Path, name: str) -> None:
-    (out / "failures" / (name.replace("/", "__") + ".txt")).unlink(missing_ok=True)
+    log(f"FAILED {cell.name}: {type(error).__name__}: {error} (traceback in {path})")
 
 
 def _check_spec_file(spec: ExperimentSpec, out: Path) -> None:
@@ -160,8 +112,6 @@ def _check_spec_file(spec: ExperimentSpec, out: Path) -> None:
 
 def run(spec: ExperimentSpec, out: str | Path, device: str = "auto", progress: bool = True, log=print) -> dict:
     """Run (or finish) the grid, then collect results. Returns the results dict."""
-    from .results import collect, write_results
-
     out = Path(out)
     _check_spec_file(spec, out)
     pre, fine = plan(spec, out)
@@ -169,38 +119,38 @@ def run(spec: ExperimentSpec, out: str | Path, device: str = "auto", progress: b
     decoding = DecodingConfig(**spec.decoding)
     t_start = time.time()
     for i, cell in enumerate(pre, 1):
-        if _done(cell):
+        if cell.done():
             log(f"[{i}/{len(pre)}] pretrain {cell.name}: done, skipped")
             continue
         log(f"[{i}/{len(pre)}] pretrain {cell.name}")
-        _clear_failure(out, f"pretrain-{cell.name}")
+        cell.failure_file.unlink(missing_ok=True)
         cfg = spec.pretrain_config(cell.sparsity, cell.method, cell.seed, str(cell.dir))
-        cfg.device = device
+        cfg.run.device, cfg.run.progress = device, progress
         try:
-            pretrain(cfg, resume=True, progress=progress, log=log)
+            pretrain(cfg, resume=True, log=log)
         except Exception as e:  # noqa: BLE001 - one cell's failure must not lose the grid
             failed.add(cell.name)
-            _record_failure(out, f"pretrain-{cell.name}", e, log)
+            _record_failure(cell, e, log)
     for i, cell in enumerate(fine, 1):
         tag = f"[{i}/{len(fine)}] finetune {cell.name}"
         if cell.pretrain.name in failed:
             log(f"{tag}: blocked (pre-training failed)")
             continue
-        if _done(cell):
+        if cell.done():
             log(f"{tag}: done, skipped")
             continue
         log(tag)
-        _clear_failure(out, f"finetune-{cell.name}")
+        cell.failure_file.unlink(missing_ok=True)
         try:
             if not (cell.dir / "summary.json").exists():
                 cfg = spec.finetune_config(str(cell.pretrain.dir), cell.task, cell.mode, cell.pretrain.seed, str(cell.dir))
-                cfg.device = device
-                finetune(cfg, resume=True, progress=progress, log=log)
+                cfg.run.device, cfg.run.progress = device, progress
+                finetune(cfg, resume=True, log=log)
             result = evaluate(cell.dir, cell.task, spec.eval_split, spec.eval_limit, decoding,
-                              spec.finetune.get("data_dir"), pick_device(device), progress=progress)
+                              spec.data_dir, pick_device(device), progress=progress)
             log(f"  {cell.task} {spec.eval_split}: " + ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()))
         except Exception as e:  # noqa: BLE001
-            _record_failure(out, f"finetune-{cell.name}", e, log)
+            _record_failure(cell, e, log)
     results = collect(spec, out)
     write_results(results, out)
     n_failed = len(list((out / "failures").glob("*.txt"))) if (out / "failures").exists() else 0

@@ -9,32 +9,40 @@ from pathlib import Path
 
 import yaml
 
-from ..data.tasks import TASKS
+from .. import config
+from ..config import ConfigError
+from ..data.tasks import TASKS, get_task
 from ..models.presets import PRESETS
 from ..sparsity.methods import METHODS
-from ..training.config import PretrainConfig
-from ..training.finetuning import MODES, FinetuneConfig
+from ..training.config import FINETUNE_MODES as MODES
+from ..training.config import FinetuneConfig, PretrainConfig
 
 
 class SpecError(ValueError):
     """An experiment spec that cannot run; the message names the field."""
 
 
+# keys the grid sets per cell: a spec's pretrain/finetune sections may not set them
+GRID_PRETRAIN_KEYS = {"sparsity": ("target", "method", "distribution", "options"), "run": ("seed", "out"), "model": ("preset",)}
+GRID_FINETUNE_KEYS = {"model": ("from_run",), "data": ("task",), "tuning": ("mode",), "run": ("seed", "out")}
+
+
 @dataclass
 class ExperimentSpec:
     name: str = "custom"
     preset: str = "tiny"
-    model: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)  # shape overrides, e.g. {"n_layer": 2}
     corpus: str | None = None
-    tokens: float | None = None  # pre-training token budget; sets max_steps (else pretrain.max_steps / preset)
-    pretrain: dict = field(default_factory=dict)  # any PretrainConfig field
+    tokens: float | None = None  # pre-training token budget; sets optim.max_steps (else pretrain.optim.max_steps / preset)
+    pretrain: dict = field(default_factory=dict)  # any pre-training config keys, nested: {optim: {lr: ...}, run: {...}}
     sparsities: list = field(default_factory=lambda: [0.0, 0.5, 0.75])
     methods: list = field(default_factory=lambda: ["static"])
+    method_options: dict = field(default_factory=dict)  # per method: {set: {drop_fraction: 0.3}}
     distribution: str = "uniform"
     tasks: list = field(default_factory=lambda: ["e2e", "webnlg", "dart"])
     modes: list = field(default_factory=lambda: ["dense", "sparse"])
     seeds: list = field(default_factory=lambda: [1337])
-    finetune: dict = field(default_factory=dict)  # any FinetuneConfig field
+    finetune: dict = field(default_factory=dict)  # any fine-tuning config keys, nested: {optim: {epochs: 2}}
     eval_split: str = "test"
     eval_limit: int | None = 200
     decoding: dict = field(default_factory=dict)  # DecodingConfig fields
@@ -53,8 +61,9 @@ class ExperimentSpec:
             bad = [v for v in values if v not in allowed]
             if bad:
                 raise SpecError(f"{name}: unknown {bad}; choose from {sorted(allowed)}")
-        if "jsonl" in self.tasks and not self.finetune.get("data_dir"):
-            raise SpecError("tasks: 'jsonl' needs finetune.data_dir (a folder with train/validation/test.jsonl)")
+        for task in self.tasks:
+            if get_task(task).folder is None and not self.data_dir:
+                raise SpecError(f"tasks: {task!r} needs finetune.data.data_dir (a folder with its files)")
         for s in self.sparsities:
             if not isinstance(s, (int, float)) or not 0 <= s < 1:
                 raise SpecError(f"sparsities: {s!r} is not a fraction in [0, 1)")
@@ -64,40 +73,51 @@ class ExperimentSpec:
             raise SpecError(f"eval_limit: must be >= 1 or null (all), got {self.eval_limit}")
         if self.eval_split not in ("validation", "test"):
             raise SpecError(f"eval_split: must be 'validation' or 'test', got {self.eval_split!r}")
-        for key in ("sparsity", "method", "seed", "out", "preset"):
-            if key in self.pretrain:
-                raise SpecError(f"pretrain.{key}: set it with the spec's top-level grid fields instead")
-        cfg = self.pretrain_config(self.sparsities[0], self.methods[0], self.seeds[0], "x")  # validates fields
-        if self.tokens is not None:
-            if cfg.max_steps < 1 or self.tokens < cfg.tokens_per_step:
-                raise SpecError(f"tokens: a budget of {self.tokens:.3g} tokens is less than one step of "
-                                f"{cfg.tokens_per_step} tokens (batch_size x grad_accum x block_size)")
-        if cfg.warmup_steps >= cfg.max_steps:
-            raise SpecError(f"pretrain: warmup_steps={cfg.warmup_steps} must be below the {cfg.max_steps} training steps")
-        unknown = set(self.finetune) - {f.name for f in fields(FinetuneConfig)}
+        unknown = sorted(set(self.method_options) - set(self.methods))
         if unknown:
-            raise SpecError(f"finetune: unknown field(s) {sorted(unknown)}")
-        for key in ("from_run", "task", "mode", "out"):
-            if key in self.finetune:
-                raise SpecError(f"finetune.{key}: set by the grid; remove it from the spec")
+            raise SpecError(f"method_options: {unknown} are not among the spec's methods {self.methods}")
+        for section, grid_keys in (("pretrain", GRID_PRETRAIN_KEYS), ("finetune", GRID_FINETUNE_KEYS)):
+            values = getattr(self, section)
+            for sub, keys in grid_keys.items():
+                for key in keys:
+                    if key in (values.get(sub) or {}):
+                        raise SpecError(f"{section}.{sub}.{key}: set by the grid; use the spec's top-level fields instead")
+        for method in self.methods:  # every cell's config must be valid before anything runs
+            cfg = self.pretrain_config(self.sparsities[-1], method, self.seeds[0], "x")
+        if self.tokens is not None and self.tokens < cfg.tokens_per_step:
+            raise SpecError(f"tokens: a budget of {self.tokens:.3g} tokens is less than one step of "
+                            f"{cfg.tokens_per_step} tokens (batch_size x grad_accum x block_size)")
+        self.finetune_config("x", self.tasks[0], self.modes[0], self.seeds[0], "x")
+
+    @property
+    def data_dir(self) -> str | None:
+        return (self.finetune.get("data") or {}).get("data_dir")
 
     # ---- the grid ---------------------------------------------------------------------------
     def pretrain_config(self, sparsity: float, method: str, seed: int, out: str) -> PretrainConfig:
-        values = dict(self.pretrain)
-        values.update(preset=self.preset, model=dict(self.model), corpus=self.corpus, sparsity=float(sparsity),
-                      method=method, distribution=self.distribution, seed=seed, out=out)
+        cell = {"model": dict(self.model, preset=self.preset), "data": {"corpus": self.corpus},
+                "sparsity": {"target": float(sparsity), "method": method, "distribution": self.distribution,
+                             "options": dict(self.method_options.get(method) or {})},
+                "run": {"seed": seed, "out": out}}
+        data = config.merge(self.pretrain, cell)
+        source = f"spec {self.name}"
         try:
-            cfg = PretrainConfig.from_dict(values)
+            cfg = config.from_dict(PretrainConfig, data, source)
             if self.tokens is not None:
-                cfg.max_steps = max(0, int(self.tokens // cfg.tokens_per_step))
-                values["max_steps"] = cfg.max_steps
-                cfg = PretrainConfig.from_dict(values) if cfg.max_steps >= 1 else cfg
-        except ValueError as e:
+                steps = int(self.tokens // cfg.tokens_per_step)
+                if steps >= 1:
+                    config.set_path(data, "optim.max_steps", steps)
+                    cfg = config.from_dict(PretrainConfig, data, source)
+        except ConfigError as e:
             raise SpecError(f"pretrain: {e}") from None
         return cfg
 
     def finetune_config(self, from_run: str, task: str, mode: str, seed: int, out: str) -> FinetuneConfig:
-        return FinetuneConfig(from_run=from_run, task=task, mode=mode, out=out, seed=seed, **self.finetune)
+        cell = {"model": {"from_run": from_run}, "data": {"task": task}, "tuning": {"mode": mode}, "run": {"seed": seed, "out": out}}
+        try:
+            return config.from_dict(FinetuneConfig, config.merge(self.finetune, cell), f"spec {self.name}")
+        except ConfigError as e:
+            raise SpecError(f"finetune: {e}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,7 +142,10 @@ def load_spec(name_or_path: str) -> ExperimentSpec:
         if not res.is_file():
             raise SpecError(f"unknown spec {name_or_path!r}; built-in specs: {builtin_specs()}, or pass a YAML file")
         text = res.read_text()
-    data = yaml.safe_load(text) or {}
+    try:
+        data = config.parse_numbers(yaml.safe_load(text) or {})
+    except yaml.YAMLError as e:
+        raise SpecError(f"{name_or_path}: invalid YAML ({e})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{name_or_path}: a spec must be a YAML mapping")
     known = {f.name for f in fields(ExperimentSpec)}

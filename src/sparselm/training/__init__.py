@@ -1,7 +1,14 @@
-"""Training loops: sparse pre-training and (dense or sparse) fine-tuning."""
+"""Training: one loop (``loop.py``) driven by two phases, sparse pre-training and fine-tuning."""
 
-from .config import PRESET_TRAINING, PretrainConfig, load_config
-from .finetuning import MODES, FinetuneConfig, finetune
-from .pretraining import RunExistsError, pretrain
+from .config import (
+    FINETUNE_MODES as MODES, PRESET_TRAINING, FinetuneConfig, PretrainConfig, PruneConfig,
+    load_finetune_config, load_pretrain_config,
+)
+from .finetuning import finetune
+from .loop import RunExistsError, TrainingInterrupted
+from .pretraining import pretrain
 
-__all__ = ["MODES", "PRESET_TRAINING", "FinetuneConfig", "PretrainConfig", "RunExistsError", "finetune", "load_config", "pretrain"]
+__all__ = [
+    "MODES", "PRESET_TRAINING", "FinetuneConfig", "PretrainConfig", "PruneConfig", "RunExistsError",
+    "TrainingInterrupted", "finetune", "load_finetune_config", "load_pretrain_config", "pretrain",
+]

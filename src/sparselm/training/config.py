@@ -1,116 +1,272 @@
-"""Pre-training configuration: plain values, resolved as dataclass defaults <- preset <- YAML <- CLI."""
+"""Training configs, nested by concern (model, data, sparsity, optim, run), loaded and checked by
+``sparselm.config``: defaults <- preset <- YAML <- ``--set`` <- CLI flags.
+
+``sparsity.start``/``sparsity.end`` are fractions of training (floats in [0, 1]);
+``sparsity.start_step``/``sparsity.end_step`` are steps. Method-specific settings go in
+``sparsity.options`` and are checked against the chosen method's declared ``Options``.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import yaml
-
-from ..models.presets import ModelShape, get_preset
+from .. import config
+from ..config import ConfigError, option
+from ..models.presets import PRESETS, ModelShape, get_preset
+from ..sparsity import METHODS, Schedule, Sparsifier, get_method, parse_n_m
+from ..sparsity.distributions import DISTRIBUTIONS
 
 # Training defaults that depend on model size. Tokens per step = batch_size * grad_accum * block_size.
+_TINY = dict(max_steps=500, batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=50, eval_every=100, ckpt_every=100)
+_SMALL = dict(max_steps=3000, batch_size=32, grad_accum=1, lr=1e-3, warmup_steps=200, eval_every=250, ckpt_every=500)
+_XL = dict(max_steps=60000, batch_size=4, grad_accum=128, lr=2e-4, warmup_steps=1000, eval_every=1000, ckpt_every=1000)
 PRESET_TRAINING: dict[str, dict] = {
-    "tiny": dict(max_steps=500, batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=50, eval_every=100, ckpt_every=100),
-    "small": dict(max_steps=3000, batch_size=32, grad_accum=1, lr=1e-3, warmup_steps=200, eval_every=250, ckpt_every=500),
+    "tiny": _TINY,
+    "llama-tiny": _TINY,
+    "small": _SMALL,
+    "llama-small": _SMALL,
     "gpt2-small": dict(max_steps=20000, batch_size=16, grad_accum=32, lr=6e-4, warmup_steps=700, eval_every=500, ckpt_every=1000),
     "gpt2-medium": dict(max_steps=40000, batch_size=8, grad_accum=64, lr=3e-4, warmup_steps=1000, eval_every=1000, ckpt_every=1000),
-    "gpt3-xl": dict(max_steps=60000, batch_size=4, grad_accum=128, lr=2e-4, warmup_steps=1000, eval_every=1000, ckpt_every=1000),
+    "gpt3-xl": _XL,
+    "llama-1b": dict(_XL, lr=4e-4),
 }
+DEFAULT_TRAINING = _SMALL  # presets registered later without their own entry
 
-# Fields that may change between a run and its resume without changing the trajectory.
-RESUMABLE_CHANGES = {"max_steps", "eval_every", "ckpt_every", "log_every", "device", "compile", "out", "progress"}
+# Keys that may change between a run and its resume without changing the trajectory (or, for the
+# step budget, changing it on purpose: the LR schedule follows the new value).
+RESUMABLE_CHANGES = {"optim.max_steps", "optim.epochs", "run.eval_every", "run.ckpt_every", "run.log_every",
+                     "run.device", "run.compile", "run.out", "run.progress"}
+
+
+@dataclass
+class ModelConfig:
+    """A named shape, with any field overridden (None keeps the preset's value)."""
+
+    preset: str = option("tiny", "named model shape", choices=lambda: sorted(PRESETS))
+    family: str | None = option(None, "model family (gpt2, llama, ...)")
+    n_layer: int | None = option(None, "transformer blocks", lo=1)
+    n_head: int | None = option(None, "attention heads", lo=1)
+    n_kv_head: int | None = option(None, "key/value heads (grouped-query attention; llama)", lo=1)
+    n_embd: int | None = option(None, "model width d", lo=1)
+    d_ff: int | None = option(None, "MLP hidden width (default 4d for gpt2)", lo=1)
+    block_size: int | None = option(None, "context length T", lo=8)
+    vocab_size: int | None = option(None, "vocabulary size V", lo=16)
+    dropout: float | None = option(None, "dropout probability", lo=0.0, hi=1.0, hi_open=True)
+    tie_embeddings: bool | None = option(None, "share the input embedding with the LM head")
+
+    def shape(self) -> ModelShape:
+        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset" and getattr(self, f.name) is not None}
+        return get_preset(self.preset).override(**overrides)
+
+
+@dataclass
+class DataConfig:
+    corpus: str | None = option(None, "folder of .txt/.jsonl files (default: $SPARSELM_DATA/corpus or ../shared/data/corpus)")
+    cache_dir: str | None = option(None, "tokenized-corpus cache (default $SPARSELM_CACHE or ~/.cache/sparselm)")
+    val_fraction: float = option(0.02, "fraction of documents held out for validation", lo=0.0, hi=0.5, lo_open=True, hi_open=True)
+
+
+@dataclass
+class SparsityConfig:
+    target: float = option(0.0, "fraction of zeros in the masked weights (0 = dense)", lo=0.0, hi=1.0, hi_open=True)
+    method: str = option("static", "sparse-training method", choices=lambda: sorted(METHODS))
+    distribution: str = option("uniform", "per-layer sparsity distribution", choices=lambda: sorted(DISTRIBUTIONS))
+    n_m: str | None = option(None, "N:M structured masks, e.g. '2:4' (overrides target)")
+    include: list | None = option(None, "glob patterns of parameter names to mask (default: every block linear)")
+    exclude: list | None = option(None, "glob patterns of parameter names never masked (default: embeddings, LM head)")
+    update_every: int = option(100, "steps between mask updates (dynamic methods)", lo=1)
+    start: float | None = option(None, "schedule start as a fraction of training (default: the method's)", lo=0.0, hi=1.0)
+    end: float | None = option(None, "schedule end as a fraction of training (default: the method's)", lo=0.0, hi=1.0)
+    start_step: int | None = option(None, "schedule start as a step (instead of start)", lo=0)
+    end_step: int | None = option(None, "schedule end as a step (instead of end)", lo=1)
+    options: dict = option(help="method-specific options (see the method's Options)", default_factory=dict)
+
+    def __post_init__(self):
+        cls = get_method(self.method)
+        config.from_dict(cls.Options, self.options, source="config", prefix="sparsity.options.")
+        parse_n_m(self.n_m)
+        for name in ("start", "end"):
+            if getattr(self, name) is not None and getattr(self, f"{name}_step") is not None:
+                raise ConfigError(f"sparsity.{name} and sparsity.{name}_step both given; keep one "
+                                  f"({name} is a fraction of training, {name}_step a step)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.target > 0 or self.n_m is not None
+
+    def schedule(self, total_steps: int) -> Schedule | None:
+        cls = get_method(self.method)
+        if not cls.needs_schedule:
+            return None
+        start = self.start if self.start is not None or self.start_step is not None else cls.default_start
+        end = self.end if self.end is not None or self.end_step is not None else cls.default_end
+        try:
+            return Schedule.of(total_steps, self.update_every, start=start, end=end,
+                               start_step=self.start_step, end_step=self.end_step)
+        except ValueError as e:
+            raise ConfigError(f"sparsity schedule: {e}") from None
+
+    def build(self, total_steps: int, seed: int) -> Sparsifier | None:
+        """The configured method, or None for a dense run."""
+        if not self.enabled:
+            return None
+        kw = dict(sparsity=self.target, distribution=self.distribution, include=self.include, seed=seed,
+                  n_m=parse_n_m(self.n_m), schedule=self.schedule(total_steps), **self.options)
+        if self.exclude is not None:
+            kw["exclude"] = self.exclude
+        return get_method(self.method)(**kw)
+
+
+@dataclass
+class OptimConfig:
+    max_steps: int | None = option(None, "optimizer steps (default: the preset's)", lo=1)
+    batch_size: int | None = option(None, "sequences per micro-batch and rank", lo=1)
+    grad_accum: int | None = option(None, "micro-batches per step", lo=1)
+    lr: float | None = option(None, "peak learning rate", lo=0.0, hi=1.0, lo_open=True)
+    min_lr_ratio: float = option(0.1, "final LR as a fraction of the peak (cosine)", lo=0.0, hi=1.0)
+    warmup_steps: int | None = option(None, "linear warmup steps", lo=0)
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices", lo=0.0, hi=10.0)
+    beta1: float = option(0.9, "AdamW beta1", lo=0.0, hi=1.0, hi_open=True)
+    beta2: float = option(0.95, "AdamW beta2", lo=0.0, hi=1.0, hi_open=True)
+    grad_clip: float = option(1.0, "clip the global gradient norm (0 = off)", lo=0.0)
+
+
+@dataclass
+class RunConfig:
+    out: str | None = option(None, "run directory")
+    seed: int = option(1337, "seed of the weights, masks and data order")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = option("auto", "autocast dtype (auto: bf16 on CUDA, fp32 on CPU)",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    compile: bool = option(False, "torch.compile the model for training")
+    log_every: int = option(10, "steps between training-loss log rows", lo=1)
+    eval_every: int | None = option(None, "steps between validation evaluations", lo=1)
+    eval_batches: int = option(20, "validation batches per evaluation (pre-training)", lo=1)
+    ckpt_every: int | None = option(None, "steps between checkpoints", lo=1)
+    progress: bool = option(True, "show a progress bar")
 
 
 @dataclass
 class PretrainConfig:
-    preset: str = "tiny"
-    model: dict = field(default_factory=dict)  # overrides of ModelShape fields, e.g. {"n_layer": 2}
-    corpus: str | None = None  # default: shared/data/corpus
-    out: str = "runs/pretrain"
-    cache_dir: str | None = None
-    val_fraction: float = 0.02
-    # sparsity
-    sparsity: float = 0.0
-    method: str = "static"  # static | magnitude | gmp | set | rigl
-    distribution: str = "uniform"  # uniform | erk
-    n_m: str | None = None  # e.g. "2:4"
-    include: list | None = None  # glob filters over parameter names; None = all block linears
-    exclude: list | None = None
-    update_every: int = 100
-    sparsity_start: float = 0.25  # fraction of training (float in [0,1]) or step (int)
-    sparsity_end: float = 0.75
-    schedule: str = "cubic"
-    drop_fraction: float = 0.3
-    # optimisation (None = preset default)
-    max_steps: int | None = None
-    batch_size: int | None = None
-    grad_accum: int | None = None
-    lr: float | None = None
-    min_lr_ratio: float = 0.1
-    warmup_steps: int | None = None
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    # bookkeeping
-    eval_every: int | None = None
-    eval_batches: int = 20
-    ckpt_every: int | None = None
-    log_every: int = 10
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
-    compile: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
-        defaults = PRESET_TRAINING.get(self.preset, PRESET_TRAINING["small"])
-        get_preset(self.preset)  # fails early on an unknown preset
+        defaults = PRESET_TRAINING.get(self.model.preset, DEFAULT_TRAINING)
         for key, value in defaults.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        self.shape()  # validates model overrides
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "log_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            section = self.run if key in ("eval_every", "ckpt_every") else self.optim
+            if getattr(section, key) is None:
+                setattr(section, key, value)
+        if self.run.out is None:
+            self.run.out = "runs/pretrain"
+        try:
+            self.model.shape()
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+        if self.optim.warmup_steps >= self.optim.max_steps:
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be below optim.max_steps={self.optim.max_steps}")
+        self.sparsity.schedule(self.optim.max_steps)  # a schedule that cannot run is an error now, not later
 
     def shape(self) -> ModelShape:
-        return get_preset(self.preset).override(**self.model)
+        return self.model.shape()
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.shape().block_size
+        return self.optim.batch_size * self.optim.grad_accum * self.shape().block_size
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return config.to_dict(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "PretrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown config key(s) {sorted(unknown)}; known keys: {sorted(known)}")
-        return cls(**data)
+
+FINETUNE_MODES = ("dense", "sparse", "lora")
 
 
-def load_config(yaml_path: str | Path | None = None, **overrides) -> PretrainConfig:
-    """YAML file values, then explicit overrides (None means 'not given')."""
-    data: dict = {}
-    if yaml_path:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a config file must be a mapping of key: value")
-    model = dict(data.pop("model", {}) or {})
-    model.update(overrides.pop("model", {}) or {})
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    data["model"] = model
-    return PretrainConfig.from_dict(data)
+@dataclass
+class FinetuneModelConfig:
+    from_run: str | None = option(None, "pre-trained run directory (or any local HF model directory of a supported family)")
+
+
+@dataclass
+class FinetuneDataConfig:
+    task: str = option("e2e", "task name (see `sparselm evaluate --help` for the list)")
+    data_dir: str | None = option(None, "task folder (default: its folder in $SPARSELM_DATA / shared/data)")
+    skip_bad_rows: bool = option(False, "skip (and count) malformed rows instead of failing")
+    limit_train: int | None = option(None, "use only the first N training pairs", lo=1)
+    val_limit: int = option(256, "validation pairs for loss/perplexity", lo=1)
+
+
+@dataclass
+class TuningConfig:
+    mode: str = option("dense", "dense (SPDF: masks dropped), sparse (masks kept), lora (adapters on the frozen base)",
+                       choices=FINETUNE_MODES)
+    lora_r: int = option(4, "LoRA rank", lo=1)
+    lora_alpha: int = option(32, "LoRA alpha", lo=1)
+    lora_dropout: float = option(0.1, "LoRA dropout", lo=0.0, hi=1.0, hi_open=True)
+
+
+@dataclass
+class FinetuneOptimConfig:
+    epochs: float = option(2.0, "passes over the training pairs (unless max_steps)", lo=0.0, lo_open=True)
+    max_steps: int | None = option(None, "optimizer steps (overrides epochs)", lo=1)
+    batch_size: int = option(16, "pairs per step", lo=1)
+    lr: float = option(1e-3, "peak learning rate (linear warmup and decay)", lo=0.0, hi=1.0, lo_open=True)
+    warmup_ratio: float = option(0.06, "fraction of steps of linear warmup", lo=0.0, hi=1.0, hi_open=True)
+    weight_decay: float = option(0.01, "AdamW weight decay on matrices", lo=0.0, hi=10.0)
+    grad_clip: float = option(1.0, "clip the global gradient norm (0 = off)", lo=0.0)
+
+
+@dataclass
+class FinetuneConfig:
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if not self.model.from_run:
+            raise ConfigError("model.from_run: required (the pre-trained run to fine-tune; --from DIR)")
+        if self.run.out is None:
+            self.run.out = "runs/finetune"
+        for key, value in (("eval_every", 100), ("ckpt_every", 200)):
+            if getattr(self.run, key) is None:
+                setattr(self.run, key, value)
+
+    def to_dict(self) -> dict:
+        return config.to_dict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def load_pretrain_config(yaml_path=None, overrides=(), flags: dict | None = None, base: dict | None = None) -> PretrainConfig:
+    return config.load(PretrainConfig, yaml_path, overrides, flags, base)
+
+
+def load_finetune_config(yaml_path=None, overrides=(), flags: dict | None = None, base: dict | None = None) -> FinetuneConfig:
+    return config.load(FinetuneConfig, yaml_path, overrides, flags, base)
+
+
+@dataclass
+class PruneConfig:
+    """One-shot magnitude pruning of a dense run (the prune-then-fine-tune baseline)."""
+
+    from_run: str | None = option(None, "dense run directory (or local HF model directory) to prune")
+    out: str | None = option(None, "run directory to write")
+    target: float = option(0.75, "fraction of zeros in the block linears", lo=0.0, hi=1.0, hi_open=True)
+    distribution: str = option("uniform", "per-layer sparsity distribution", choices=lambda: sorted(DISTRIBUTIONS))
+    n_m: str | None = option(None, "N:M structured masks, e.g. '2:4' (overrides target)")
+
+    def __post_init__(self):
+        for key in ("from_run", "out"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key}: required (--{'from' if key == 'from_run' else key} DIR)")
+        parse_n_m(self.n_m)

@@ -50,3 +50,11 @@ def all_reduce_mean(value: float, d: Dist, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / d.world_size
+
+
+def all_reduce_max(value: float, d: Dist, device) -> float:
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())

@@ -1,0 +1,308 @@
+"""The one training loop, for pre-training and fine-tuning alike, read top to bottom.
+
+A phase (``pretraining.py``, ``finetuning.py``) supplies what differs: its batches, its loss, its
+learning-rate curve, its validation loss and its FLOP cost per token. Everything else is here, once:
+the step (batch -> forward under autocast -> backward -> sparsity hook -> clip -> optimizer step ->
+sparsity hook), the log / eval / checkpoint cadence, the run-directory guard, resume with a config
+check, DDP and ``torch.compile``, and signals. SIGINT, SIGTERM (what clusters send before
+pre-emption) and SIGUSR1 (Slurm's ``--signal``) only set a flag; the loop checks it at the step
+boundary, saves a checkpoint that holds exactly the steps it is labelled with, and stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
+from .config import RESUMABLE_CHANGES, RunConfig
+
+STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+class RunExistsError(FileExistsError):
+    """The output directory already holds a run."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A stop signal arrived; a consistent checkpoint was saved at the step boundary."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in "
+                         f"{run_dir}/checkpoint (resume with --resume)")
+
+
+@dataclass
+class StepCost:
+    """Training FLOPs per token at this step (as run, and if dense) and non-zero parameters."""
+
+    flops_per_token: float
+    dense_flops_per_token: float
+    nonzero_params: float
+
+
+@dataclass
+class Phase:
+    """What a training phase supplies to the loop."""
+
+    name: str
+    total_steps: int
+    batch: Callable[[int, int], tuple]  # (step, micro) -> tensors on the device, first = input ids
+    loss: Callable[[torch.nn.Module, tuple], torch.Tensor]  # (model, batch) -> mean loss
+    lr: Callable[[int], float]
+    evaluate: Callable[[torch.nn.Module], float]  # validation loss of the (unwrapped) model
+    cost: Callable[[int], StepCost]
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    log_fields: Callable[[int], dict] = lambda step: {}  # extra columns for training-loss rows
+
+
+@dataclass
+class Trainer:
+    """The pieces a loop runs on: built by the phase, driven by ``train``."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sparsifier: object | None  # a sparselm.sparsity.Sparsifier, or None
+    device: torch.device
+    dist: distributed.Dist
+    run: RunConfig
+    out: Path
+    autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    train_model: torch.nn.Module | None = None  # compiled and/or DDP-wrapped model for the forward
+
+    def __post_init__(self):
+        if self.train_model is None:
+            self.train_model = wrap_model(self.model, self.run, self.device, self.dist)
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA by default, fp32 on CPU unless asked; a fresh context per use."""
+    amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "float32": None,
+           "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def wrap_model(model: torch.nn.Module, run: RunConfig, device: torch.device, dist: distributed.Dist) -> torch.nn.Module:
+    """``torch.compile`` (any device) then DDP under torchrun: PyTorch's own engines."""
+    train_model = torch.compile(model) if run.compile else model
+    if dist.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return train_model
+
+
+def check_run_dir(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuse to overwrite a run unless resuming it."""
+    checkpoint = find_checkpoint(out)
+    if checkpoint is not None and not resume:
+        raise RunExistsError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    if (out / "summary.json").exists() and not resume:
+        raise RunExistsError(f"{out} already holds a finished run; choose another --out")
+    return checkpoint
+
+
+def open_run_dir(out: Path, config: dict, resume: bool, log) -> tuple[Path | None, dict | None]:
+    """(checkpoint to resume from, or None; the summary of a finished run when there is nothing to
+    do). A resumed run must have the same config; a finished one resumed with the same step budget
+    is left as it is."""
+    checkpoint = check_run_dir(out, resume)
+    finished = out / "summary.json"
+    if checkpoint is None and not (resume and finished.exists()):
+        return None, None
+    saved = check_resume_config(out / "train_config.json", config, log)
+    if resume and finished.exists():
+        budget = lambda c: (_flat(c).get("optim.max_steps"), _flat(c).get("optim.epochs"))  # noqa: E731
+        if checkpoint is None or budget(saved) == budget(config):
+            log(f"{out} is already finished; nothing to do (raise optim.max_steps to train it further)")
+            return checkpoint, json.loads(finished.read_text())
+    return checkpoint, None
+
+
+def check_resume_config(saved_path: Path, current: dict, log) -> dict:
+    """A resumed run must continue the same trajectory: only RESUMABLE_CHANGES may differ."""
+    try:
+        saved = json.loads(saved_path.read_text())
+    except FileNotFoundError:
+        raise RunExistsError(f"{saved_path} is missing: cannot check that the resumed run has the same config") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{saved_path} is corrupt ({e.msg} at line {e.lineno}); cannot resume this run") from None
+    diffs = [k for k in sorted(set(_flat(saved)) | set(_flat(current)))
+             if k not in RESUMABLE_CHANGES and _flat(saved).get(k) != _flat(current).get(k)]
+    if diffs:
+        k = diffs[0]
+        raise ValueError(f"cannot resume: the config differs from the run's {saved_path.name} in {diffs} "
+                         f"(e.g. {k}: saved {_flat(saved).get(k)!r}, now {_flat(current).get(k)!r}); "
+                         "resume with the same settings or use a new --out")
+    for k in ("optim.max_steps", "optim.epochs"):
+        if _flat(saved).get(k) != _flat(current).get(k):
+            log(f"note: {k} changed {_flat(saved).get(k)} -> {_flat(current).get(k)}; the LR schedule follows the new value")
+    return saved
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def restore(trainer: Trainer, checkpoint: Path | None, resume: bool, state: dict, log) -> dict:
+    """Load the checkpoint into model, optimizer and masks; drop metric rows logged after it."""
+    metrics = trainer.out / "metrics.jsonl"
+    if checkpoint is not None:
+        masks, state = load_checkpoint(checkpoint, trainer.model, trainer.optimizer, map_location=trainer.device)
+        if trainer.sparsifier is not None:
+            trainer.sparsifier.load_state_dict(masks)
+        truncate_metrics(metrics, state["step"])
+        log(f"resumed from {checkpoint} at step {state['step']}")
+    elif resume and metrics.exists():
+        truncate_metrics(metrics, 0)  # rows of an attempt killed before its first checkpoint
+        log(f"no checkpoint in {trainer.out}; starting the run again")
+    return state
+
+
+def new_state(**extra) -> dict:
+    return {"step": 0, "tokens_seen": 0, "train_flops": 0.0, "dense_train_flops": 0.0, "param_steps": 0.0,
+            "wall_time_s": 0.0, **extra}
+
+
+# ---- the step -------------------------------------------------------------------------------------
+def train_step(phase: Phase, trainer: Trainer, step: int) -> tuple[torch.Tensor, int]:
+    """One optimizer step; returns (mean loss as a device tensor, tokens in this rank's batches)."""
+    model, optimizer, sparsifier = trainer.train_model, trainer.optimizer, trainer.sparsifier
+    lr = phase.lr(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=trainer.device)
+    tokens = 0
+    for micro in range(phase.grad_accum):
+        batch = phase.batch(step, micro)
+        last = micro == phase.grad_accum - 1
+        sync = model.no_sync() if trainer.dist.enabled and not last else contextlib.nullcontext()
+        with sync:
+            with trainer.autocast:
+                loss = phase.loss(model, batch)
+            (loss / phase.grad_accum).backward()
+        loss_sum += loss.detach()
+        tokens += batch[0].numel()
+    if sparsifier is not None:
+        sparsifier.after_backward(step)
+    if phase.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in trainer.model.parameters() if p.requires_grad], phase.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if sparsifier is not None:
+        sparsifier.after_step(step)
+    return loss_sum / phase.grad_accum, tokens
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+def train(phase: Phase, trainer: Trainer, state: dict, log=print) -> float:
+    """Run ``phase`` from ``state['step']`` to ``phase.total_steps``; return the final validation loss.
+    ``state`` is updated in place (step, tokens, FLOPs, average parameters, wall time)."""
+    run, dist, out = trainer.run, trainer.dist, trainer.out
+    metrics = open(out / "metrics.jsonl", "a") if dist.is_main else None
+
+    def log_row(row: dict) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    def save() -> None:
+        if dist.is_main:
+            masks = trainer.sparsifier.state_dict() if trainer.sparsifier is not None else None
+            save_checkpoint(out, trainer.model, trainer.optimizer, masks, dict(state))
+
+    bar = tqdm(total=phase.total_steps, initial=state["step"], disable=not (run.progress and dist.is_main),
+               desc=phase.name, unit="step")
+    t0, wall0 = time.time(), state["wall_time_s"]
+    t_last, tok_last = t0, state["tokens_seen"]
+    val_loss, step = None, state["step"]
+    stop = _StopFlag()
+    try:
+        with stop:
+            while step < phase.total_steps:
+                cost = phase.cost(step)  # the masks in use during this step
+                loss, tokens = train_step(phase, trainer, step)
+                tokens *= dist.world_size
+                step += 1
+                state.update(step=step, tokens_seen=state["tokens_seen"] + tokens,
+                             train_flops=state["train_flops"] + cost.flops_per_token * tokens,
+                             dense_train_flops=state["dense_train_flops"] + cost.dense_flops_per_token * tokens,
+                             param_steps=state["param_steps"] + cost.nonzero_params)
+                if step % run.log_every == 0 or step == phase.total_steps:  # one host sync per log step
+                    train_loss = distributed.all_reduce_mean(loss.item(), dist, trainer.device)
+                    if not math.isfinite(train_loss):
+                        raise FloatingPointError(f"{phase.name}: training loss is {train_loss} at step {step}; "
+                                                 "lower the learning rate (--lr) or check the data")
+                    now = time.time()
+                    tps = (state["tokens_seen"] - tok_last) / max(now - t_last, 1e-9)
+                    t_last, tok_last = now, state["tokens_seen"]
+                    log_row({"step": step, "loss": round(train_loss, 5), "lr": phase.lr(step - 1),
+                             "tokens": state["tokens_seen"], "tokens_per_s": round(tps, 1),
+                             "train_flops": state["train_flops"], **phase.log_fields(step)})
+                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
+                if step % run.eval_every == 0 or step == phase.total_steps:
+                    val_loss = phase.evaluate(trainer.model)
+                    log_row({"step": step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(val_loss), 3)})
+                    bar.set_postfix(val=f"{val_loss:.3f}")
+                state["wall_time_s"] = wall0 + time.time() - t0
+                signum = stop.received(dist, trainer.device)
+                if step % run.ckpt_every == 0 or step == phase.total_steps or signum:
+                    save()
+                bar.update(1)
+                if signum:
+                    raise TrainingInterrupted(signum, step, out)
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    if val_loss is None:  # nothing left to train (resumed at the end)
+        val_loss = phase.evaluate(trainer.model)
+    return val_loss
+
+
+class _StopFlag:
+    """Stop signals set a flag instead of raising inside a step; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict = {}
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # signal handlers can only be set in the main thread
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # impatient second Ctrl-C: the last checkpoint stays intact
+        self.signum = signum
+
+    def received(self, dist: distributed.Dist, device) -> int:
+        """The signal to stop for, agreed by every rank (so all stop at the same step)."""
+        if not dist.enabled:
+            return self.signum
+        return int(round(distributed.all_reduce_max(float(self.signum), dist, device)))
