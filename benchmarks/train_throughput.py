@@ -16,12 +16,14 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from sparselm.models import build_model, get_preset
 from sparselm.sparsity import Static
-from sparselm.training.distributed import pick_device
+from sparselm.training.config import RunConfig
+from sparselm.training.distributed import Dist, pick_device
+from sparselm.training.loop import Phase, StepCost, Trainer, autocast_for, train_step
 from sparselm.training.optim import adamw
+from sparselm.training.pretraining import next_token_loss
 
 
 def sync(device):
@@ -29,40 +31,41 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run(shape, batch_size, steps, sparsity, device, amp):
+def timed(fn, device, into: list):
+    """``fn`` with its wall time (device-synchronised) appended to ``into`` on every call."""
+    def wrapper(*args):
+        sync(device)
+        t0 = time.perf_counter()
+        fn(*args)
+        sync(device)
+        into.append(time.perf_counter() - t0)
+    return wrapper
+
+
+def run(shape, batch_size, steps, sparsity, device, dtype):
+    """Median step time and median masking time per step, through the training loop's own step."""
     torch.manual_seed(0)
     model = build_model(shape).to(device)
     opt = adamw(model, 1e-4, 0.1, device_type=device.type)
     sp = Static(sparsity).attach(model, opt) if sparsity > 0 else None
+    mask_times: list[float] = []
+    if sp is not None:  # time the two sparsity hooks inside the real step
+        sp.after_backward, sp.after_step = timed(sp.after_backward, device, mask_times), timed(sp.after_step, device, mask_times)
     x = torch.randint(0, shape.vocab_size, (batch_size, shape.block_size + 1), device=device)
-    inputs, targets = x[:, :-1], x[:, 1:]
-    step_times, mask_times = [], []
+    batch = (x[:, :-1], x[:, 1:])
+    phase = Phase(name="bench", total_steps=steps, batch=lambda step, micro: batch, loss=next_token_loss,
+                  lr=lambda step: 1e-4, evaluate=lambda m: 0.0, cost=lambda step: StepCost(0.0, 0.0, 0.0))
+    trainer = Trainer(model, opt, sp, device, Dist(), RunConfig(out="unused"), None, autocast_for(device, dtype))
+    step_times = []
     for step in range(steps):
         sync(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(input_ids=inputs).logits
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        loss.backward()
+        train_step(phase, trainer, step)
         sync(device)
-        m0 = time.perf_counter()
-        if sp is not None:
-            sp.after_backward(step)
-        sync(device)
-        m1 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        m2 = time.perf_counter()
-        if sp is not None:
-            sp.after_step(step)
-        sync(device)
-        t1 = time.perf_counter()
-        step_times.append(t1 - t0)
-        mask_times.append((m1 - m0) + (t1 - m2))
+        step_times.append(time.perf_counter() - t0)
     warm = max(1, steps // 4)
-    return statistics.median(step_times[warm:]), statistics.median(mask_times[warm:])
+    per_step_mask = [a + b for a, b in zip(mask_times[0::2], mask_times[1::2])] or [0.0] * steps
+    return statistics.median(step_times[warm:]), statistics.median(per_step_mask[warm:])
 
 
 def main():
@@ -77,12 +80,13 @@ def main():
     device = pick_device(args.device)
     torch.set_float32_matmul_precision("high")
     amp = device.type == "cuda"
+    dtype = "auto"
     shape = get_preset(args.preset)
     tokens = args.batch_size * shape.block_size
     dense, sparse, masking = [], [], []
     for _ in range(args.repeats):
-        dense.append(run(shape, args.batch_size, args.steps, 0.0, device, amp)[0])
-        s, m = run(shape, args.batch_size, args.steps, args.sparsity, device, amp)
+        dense.append(run(shape, args.batch_size, args.steps, 0.0, device, dtype)[0])
+        s, m = run(shape, args.batch_size, args.steps, args.sparsity, device, dtype)
         sparse.append(s)
         masking.append(m)
     d, s, m = statistics.median(dense), statistics.median(sparse), statistics.median(masking)

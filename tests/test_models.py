@@ -91,7 +91,7 @@ def test_a_family_registered_elsewhere_builds_counts_flops_and_loads(neox, tmp_p
 
 
 def test_unknown_family_is_refused():
-    with pytest.raises(ValueError, match=r"unknown model family 'nope'; registered families are \['gpt2', 'llama'\]"):
+    with pytest.raises(ValueError, match=r"unknown model family 'nope'; registered families: \['gpt2', 'llama'\]"):
         get_preset("tiny").override(family="nope")
     with pytest.raises(ValueError, match="unknown model family 'nope'"):
         build_model(ModelShape(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=10, family="nope"))

@@ -32,8 +32,10 @@ def _flag(p: argparse.ArgumentParser, cls: type, key: str, *names: str, **kw) ->
     default = f.default if f.default is not dataclasses.MISSING else None
     shown = "the preset's" if default is None and key.startswith("optim.") else default
     help_text = kw.pop("help", None) or f.metadata.get("help", "")
-    p.add_argument(*names, dest=key, default=None,
-                   help=f"{help_text} (default: {shown}; config key {key})", **kw)
+    if "choices" not in kw:
+        kw.setdefault("metavar", key.rsplit(".", 1)[-1].upper())
+    shown = "" if "default" in help_text else f"default: {shown}; "
+    p.add_argument(*names, dest=key, default=None, help=f"{help_text} ({shown}config key {key})", **kw)
 
 
 def _common_run_flags(p: argparse.ArgumentParser, cls: type, default_out: str) -> None:
@@ -43,14 +45,18 @@ def _common_run_flags(p: argparse.ArgumentParser, cls: type, default_out: str) -
     _flag(p, cls, "run.dtype", "--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--compile", dest="run.compile", action="store_const", const=True, default=None,
                    help="torch.compile the model for training (CPU: inductor with the system C compiler; config key run.compile)")
-    p.add_argument("--config", metavar="FILE", help="YAML file of config values, nested by section (flags and --set win)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, e.g. --set optim.warmup_steps=20 --set model.n_layer=2 --set sparsity.options.drop_fraction=0.2")
+    _config_file_flags(p, "training", "e.g. --set optim.warmup_steps=20 --set model.n_layer=2 --set sparsity.options.drop_fraction=0.2")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (a finished run: nothing to do)")
     p.add_argument("--no-progress", dest="run.progress", action="store_const", const=False, default=None, help="no progress bar")
 
 
 NOT_CONFIG = {"func", "command", "config", "overrides", "resume"}
+
+
+def _config_file_flags(p: argparse.ArgumentParser, what: str, example: str = "") -> None:
+    p.add_argument("--config", metavar="FILE", help=f"YAML file of {what} config values, nested by section (flags and --set win)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"any {what} config key{'; ' + example if example else ''}")
 
 
 def _config_flags(args) -> dict:
@@ -163,18 +169,16 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ..evaluation.evaluate import evaluate, format_table
-    from ..evaluation.generate import DecodingConfig
+    from .. import config
+    from ..evaluation.evaluate import EvaluateConfig, evaluate, format_table
     from ..training.distributed import pick_device
 
-    decoding = DecodingConfig(num_beams=args.beams, length_penalty=args.length_penalty,
-                              no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size)
-    result = evaluate(args.model, args.task, args.split, args.limit, decoding, args.data_dir,
-                      pick_device(args.device), progress=not args.no_progress)
+    cfg = config.load(EvaluateConfig, args.config, args.overrides, _config_flags(args))
+    result = evaluate(cfg.model, cfg.task, cfg.split, cfg.limit, cfg.decoding, cfg.data_dir,
+                      pick_device(cfg.device), progress=cfg.progress)
     print(format_table(result))
-    if args.model != "copy":
-        print(f"-> {args.model}/eval/{args.task}-{args.split}.json")
+    if cfg.model != "copy":
+        print(f"-> {cfg.model}/eval/{cfg.task}-{cfg.split}.json")
     return 0
 
 
@@ -221,6 +225,7 @@ def cmd_scaling_fit(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from ..data.tasks import TASKS
     from ..training.config import FinetuneConfig as F
+    from ..evaluation.evaluate import EvaluateConfig as E
     from ..training.config import PruneConfig as P
 
     parser = argparse.ArgumentParser(prog="sparselm", description="Sparse pre-training and dense fine-tuning of GPT-style models")
@@ -245,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, P, "target", "--sparsity", type=float)
     _flag(p, P, "distribution", "--distribution", choices=["uniform", "erk"])
     _flag(p, P, "n_m", "--n-m", metavar="N:M")
-    p.add_argument("--config", metavar="FILE", help="YAML file of prune config values")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any prune config key")
+    _config_file_flags(p, "prune")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("finetune", help="fine-tune a pre-trained run on a data-to-text task (dense = SPDF)")
@@ -265,18 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="beam-search a task split and score it with the official metrics")
-    p.add_argument("--model", required=True, help="model directory (a fine-tuning run), or 'copy' for the copy-the-input baseline")
-    p.add_argument("--task", default="e2e", choices=sorted(TASKS), help="task (default e2e)")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split (default test)")
-    p.add_argument("--limit", type=int, help="first N inputs only (default: all)")
-    p.add_argument("--beams", type=int, default=10, help="beam width (default 10)")
-    p.add_argument("--length-penalty", type=float, default=0.9, help="beam length penalty (default 0.9)")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=4, help="forbid repeated n-grams of this size (default 4)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length limit (default 64)")
-    p.add_argument("--batch-size", type=int, default=16, help="inputs per generation batch (default 16)")
-    p.add_argument("--data-dir", help="task folder (default: its folder in $SPARSELM_DATA / shared/data)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _flag(p, E, "model", "--model", metavar="DIR")
+    _flag(p, E, "task", "--task", choices=sorted(TASKS))
+    _flag(p, E, "split", "--split", choices=["train", "validation", "test"])
+    _flag(p, E, "limit", "--limit", type=int)
+    _flag(p, E, "decoding.num_beams", "--beams", type=int)
+    _flag(p, E, "decoding.length_penalty", "--length-penalty", type=float)
+    _flag(p, E, "decoding.no_repeat_ngram_size", "--no-repeat-ngram-size", type=int)
+    _flag(p, E, "decoding.max_new_tokens", "--max-new-tokens", type=int)
+    _flag(p, E, "decoding.batch_size", "--batch-size", type=int)
+    _flag(p, E, "data_dir", "--data-dir", metavar="DIR")
+    _flag(p, E, "device", "--device")
+    _config_file_flags(p, "evaluate")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None, help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("reproduce", help="run the SPDF grid of a spec and write a report (resumable)")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from ..registry import Registry
 from .paths import data_root
 
 log = logging.getLogger(__name__)
@@ -255,23 +256,16 @@ class Task:
     scorers: Mapping[str, str] = field(default_factory=dict)
 
 
-TASKS: dict[str, Task] = {}
+TASKS: Registry[Task] = Registry("task")
 
 
 def register_task(task: Task, replace: bool = False) -> Task:
     """Make ``task`` loadable and scorable by name; a second task of the same name is an error
     unless ``replace``."""
-    if task.name in TASKS and not replace:
-        raise ValueError(f"task {task.name!r} is already registered; pass replace=True to replace it")
-    TASKS[task.name] = task
-    return task
+    return TASKS.register(task.name, task, replace)
 
 
-def get_task(name: str) -> Task:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}") from None
+get_task = TASKS.lookup
 
 
 _E2E_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")

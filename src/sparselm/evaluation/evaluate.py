@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.tasks import load_task
+from ..config import ConfigError, option
+from ..data.tasks import TASKS, load_task
 from ..files import write_json
 from ..models import context_length
 from ..models.loss import encode_pairs, validation_loss
@@ -16,6 +18,24 @@ from .generate import DecodingConfig, generate
 from .metrics import score
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateConfig:
+    """What ``sparselm evaluate`` runs: a model on a task split, with a decoding setup."""
+
+    model: str | None = option(None, "model directory (a fine-tuning run), or 'copy' for the copy-the-input baseline")
+    task: str = option("e2e", "task", choices=lambda: sorted(TASKS))
+    split: str = option("test", "split", choices=("train", "validation", "test"))
+    limit: int | None = option(None, "first N inputs only (default: all)", lo=1)
+    data_dir: str | None = option(None, "task folder (default: its folder in $SPARSELM_DATA / shared/data)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    progress: bool = option(True, "show a progress bar")
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+
+    def __post_init__(self):
+        if not self.model:
+            raise ConfigError("model: required (--model DIR, or --model copy)")
 
 
 def evaluate(model_dir: str | Path, task: str = "e2e", split: str = "test", limit: int | None = None,

@@ -11,16 +11,17 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..config import option
 from ..models import context_length
 
 
 @dataclass
 class DecodingConfig:
-    num_beams: int = 10
-    length_penalty: float = 0.9
-    no_repeat_ngram_size: int = 4
-    max_new_tokens: int = 64
-    batch_size: int = 16
+    num_beams: int = option(10, "beam width", lo=1)
+    length_penalty: float = option(0.9, "beam length penalty (>1 favours longer outputs)")
+    no_repeat_ngram_size: int = option(4, "forbid repeating n-grams of this size (0 = off)", lo=0)
+    max_new_tokens: int = option(64, "generation length limit", lo=1)
+    batch_size: int = option(16, "inputs per generation batch", lo=1)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..data.tasks import Task, get_task
+from ..registry import Registry
 
 # ---- mteval-v13a port ------------------------------------------------------------------------
 _PUNCT = re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])")
@@ -236,23 +237,16 @@ class Metric:
     scorers: Mapping[str, Scorer] = field(default_factory=dict)
 
 
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("metric")
 
 
 def register_metric(metric: Metric, replace: bool = False) -> Metric:
     """Make ``metric`` usable in task declarations and reports; a second metric of the same name is
     an error unless ``replace``."""
-    if metric.name in METRICS and not replace:
-        raise ValueError(f"metric {metric.name!r} is already registered; pass replace=True to replace it")
-    METRICS[metric.name] = metric
-    return metric
+    return METRICS.register(metric.name, metric, replace)
 
 
-def get_metric(name: str) -> Metric:
-    try:
-        return METRICS[name]
-    except KeyError:
-        raise ValueError(f"unknown metric {name!r}; registered metrics: {sorted(METRICS)}") from None
+get_metric = METRICS.lookup
 
 
 _MTEVAL = {"mteval": mteval_bleu_nist}

@@ -14,6 +14,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from ..registry import Registry
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -73,25 +75,18 @@ def eos_id(shape: ModelShape, eos_token_id: int | None) -> int:
     return shape.vocab_size - 1 if eos_token_id is None else eos_token_id
 
 
-FAMILIES: dict[str, ModelFamily] = {}
+FAMILIES: Registry[ModelFamily] = Registry("model family", "families")
 
 
 def register_family(family: ModelFamily, replace: bool = False) -> ModelFamily:
     """Make ``family`` available by name and by the model_type of saved configs."""
-    if family.name in FAMILIES and not replace:
-        raise ValueError(f"model family {family.name!r} is already registered; pass replace=True to replace it")
     for other in FAMILIES.values():
         if other.model_type == family.model_type and other.name != family.name:
             raise ValueError(f"model_type {family.model_type!r} is already loaded by family {other.name!r}")
-    FAMILIES[family.name] = family
-    return family
+    return FAMILIES.register(family.name, family, replace)
 
 
-def get_family(name: str) -> ModelFamily:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; registered families are {sorted(FAMILIES)}") from None
+get_family = FAMILIES.lookup
 
 
 def _family_for_model_type(model_type: str | None, architectures, where: str) -> ModelFamily:

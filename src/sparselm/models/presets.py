@@ -47,8 +47,7 @@ class ModelShape:
             value = getattr(shape, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if shape.family not in FAMILIES:
-            raise ValueError(f"unknown model family {shape.family!r}; registered families are {sorted(FAMILIES)}")
+        FAMILIES.lookup(shape.family)
         if shape.n_embd % shape.n_head:
             raise ValueError(f"n_embd={shape.n_embd} is not divisible by n_head={shape.n_head}")
         if shape.n_head % shape.kv_heads:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import config
+from ..registry import Registry
 from . import masks as M
 from .distributions import per_layer_sparsity
 from .schedules import CURVES, Schedule, cosine_decay
@@ -360,26 +361,17 @@ class RigL(SET):
         return grads[t.name].abs()
 
 
-METHODS: dict[str, type[Sparsifier]] = {}
+METHODS: Registry[type[Sparsifier]] = Registry("sparsity method")
 
 
 def register_method(cls: type[Sparsifier], replace: bool = False) -> type[Sparsifier]:
     """Make a method available by ``cls.name`` to the config, the CLI and experiment specs."""
-    if cls.name in METHODS and METHODS[cls.name] is not cls and not replace:
-        raise ValueError(f"a sparsity method named {cls.name!r} is already registered ({METHODS[cls.name].__name__})")
-    METHODS[cls.name] = cls
-    return cls
+    return METHODS.register(cls.name, cls, replace)
 
 
 for _cls in (Static, Magnitude, GMP, SET, RigL):
     register_method(_cls)
-
-
-def get_method(name: str) -> type[Sparsifier]:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown sparsity method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
+get_method = METHODS.lookup
 
 
 def make_sparsifier(method: str, **kwargs) -> Sparsifier:

@@ -10,7 +10,6 @@ data-parallel rank takes its share), the target-only loss, a linear LR and the F
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,10 +21,9 @@ from ..models import lora_config_kwargs, shape_of
 from ..models.loss import collate, encode_pairs, target_loss, validation_loss
 from ..models.runs import load_run
 from ..sparsity import Static
-from . import distributed
 from .config import FINETUNE_MODES as MODES
 from .config import FinetuneConfig
-from .loop import Phase, StepCost, Trainer, autocast_for, new_state, open_run_dir, restore, train
+from .loop import Phase, StepCost, Trainer, autocast_for, new_state, start_run, restore, train
 from .optim import adamw, linear_lr
 
 __all__ = ["FinetuneConfig", "MODES", "finetune"]
@@ -41,15 +39,10 @@ def _wrap_lora(model, cfg: FinetuneConfig):
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = None, log=print) -> dict:
     """Fine-tune, write the run directory (an HF model directory plus sparselm extras), return its summary."""
-    out = Path(cfg.run.out)
-    if progress is not None:
-        cfg.run.progress = progress
-    device = distributed.pick_device(cfg.run.device)
-    dist = distributed.setup(device)
-    log = log if dist.is_main else (lambda *a, **k: None)
-    checkpoint, finished = open_run_dir(out, cfg.to_dict(), resume, log)
-    if finished is not None:
-        return finished
+    start = start_run(cfg, resume, progress, log)
+    if start.finished is not None:
+        return start.finished
+    out, device, dist, log, checkpoint = start.out, start.device, start.dist, start.log, start.checkpoint
 
     mode, from_run = cfg.tuning.mode, cfg.model.from_run
     model, tokenizer, masks, source = load_run(from_run)

@@ -114,6 +114,30 @@ def check_run_dir(out: Path, resume: bool) -> Path | None:
     return checkpoint
 
 
+@dataclass
+class RunStart:
+    """Where a phase starts: its directory, device and ranks, and what is already there."""
+
+    out: Path
+    device: torch.device
+    dist: distributed.Dist
+    log: Callable
+    checkpoint: Path | None  # to resume from
+    finished: dict | None  # the summary of a finished run that needs nothing more
+
+
+def start_run(cfg, resume: bool, progress: bool | None, log) -> RunStart:
+    """Device, process group and run directory for a training config (``cfg.run`` and ``to_dict``)."""
+    if progress is not None:
+        cfg.run.progress = progress
+    device = distributed.pick_device(cfg.run.device)
+    dist = distributed.setup(device)
+    log = log if dist.is_main else (lambda *a, **k: None)
+    out = Path(cfg.run.out)
+    checkpoint, finished = open_run_dir(out, cfg.to_dict(), resume, log)
+    return RunStart(out, device, dist, log, checkpoint, finished)
+
+
 def open_run_dir(out: Path, config: dict, resume: bool, log) -> tuple[Path | None, dict | None]:
     """(checkpoint to resume from, or None; the summary of a finished run when there is nothing to
     do). A resumed run must have the same config; a finished one resumed with the same step budget

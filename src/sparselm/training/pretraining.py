@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +17,8 @@ from ..data.tokenizer import save_hf_tokenizer
 from ..files import write_json
 from ..models import build_model
 from ..sparsity import global_sparsity
-from . import distributed
 from .config import PretrainConfig
-from .loop import Phase, RunExistsError, StepCost, Trainer, autocast_for, new_state, open_run_dir, restore, train
+from .loop import Phase, RunExistsError, StepCost, Trainer, autocast_for, new_state, start_run, restore, train
 from .optim import adamw, cosine_lr
 
 __all__ = ["RunExistsError", "pretrain", "param_count", "next_token_loss"]
@@ -53,15 +51,10 @@ def evaluate_loss(model, tokens, batch_size: int, block_size: int, n_batches: in
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = None, log=print) -> dict:
     """Train, write the run directory, return its summary."""
-    out = Path(cfg.run.out)
-    if progress is not None:
-        cfg.run.progress = progress
-    device = distributed.pick_device(cfg.run.device)
-    dist = distributed.setup(device)
-    log = log if dist.is_main else (lambda *a, **k: None)
-    checkpoint, finished = open_run_dir(out, cfg.to_dict(), resume, log)
-    if finished is not None:
-        return finished
+    start = start_run(cfg, resume, progress, log)
+    if start.finished is not None:
+        return start.finished
+    out, device, dist, log, checkpoint = start.out, start.device, start.dist, start.log, start.checkpoint
 
     shape = cfg.shape()
     corpus = prepare_corpus(cfg.data.corpus or str(default_corpus()), shape.vocab_size, cfg.data.val_fraction,
