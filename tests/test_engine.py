@@ -179,3 +179,32 @@ def test_llama_rigl_pretrain_dense_finetune_evaluate_end_to_end(small_corpus, ca
                  "--max-new-tokens", "8", "--no-progress"]) == 0
     result = json.loads((ft / "eval" / "e2e-test.json").read_text())
     assert set(result["metrics"]) >= {"bleu", "nist", "meteor", "rouge_l", "cider"}
+
+
+def test_a_second_writer_of_a_run_directory_is_refused_with_the_holders_pid(small_corpus, cache_dir, tmp_path, micro_config):
+    from sparselm.training.lock import RunLockedError
+
+    out = tmp_path / "run"
+    env = dict(os.environ, SPARSELM_CACHE=str(cache_dir))
+    cmd = [sys.executable, "-m", "sparselm", "pretrain", "--corpus", str(small_corpus), "--out", str(out),
+           "--max-steps", "100000", "--batch-size", "8", "--no-progress", "--set", "optim.warmup_steps=1",
+           "--set", "run.ckpt_every=100000", *[f"--set=model.{k}={v}" for k, v in MICRO_MODEL.items()]]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"is being written by another sparselm process (PID {first.pid}:" in second.stderr
+        with pytest.raises(RunLockedError, match=f"PID {first.pid}"):  # in-process callers too
+            pretrain(micro_config(out=str(out)), resume=True, **QUIET)
+    finally:
+        first.kill()  # kill -9: the OS drops the lock with the process
+        first.wait()
+    resumed = pretrain(micro_config(out=str(tmp_path / "other")), **QUIET)  # unrelated directory: fine
+    assert resumed["steps"] == 20
+    from sparselm.training.lock import run_lock
+
+    with run_lock(out):  # the dead holder left no stale lock
+        pass

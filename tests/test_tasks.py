@@ -82,3 +82,21 @@ def test_malformed_webnlg_and_dart_entries(tmp_path):
     (tmp_path / "d" / "dart-v1.1.1-full-dev.json").write_text(json.dumps([{"tripleset": [["a", "b", "c"]], "annotations": []}]))
     with pytest.raises(TaskDataError, match=r"example 0: field 'annotations'"):
         load_task("dart", tmp_path / "d")
+
+
+def test_non_utf8_bytes_name_the_file_and_line_and_can_be_skipped(tmp_path):
+    from sparselm.data.tasks import TaskDataError
+
+    rows = [json.dumps({"source": f"s{i}", "target": f"t{i}"}).encode() for i in range(4)]
+    rows[2] = b'{"source": "caf\xe9", "target": "x"}'  # Latin-1, not UTF-8
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_bytes(b"\n".join(rows) + b"\n")
+    with pytest.raises(TaskDataError, match=r"train.jsonl:3: field '\(line\)' is not valid UTF-8 \(byte 0xe9 at column 16;"):
+        load_task("jsonl", tmp_path)
+    task = load_task("jsonl", tmp_path, skip_bad_rows=True)
+    assert task.skipped == 3 and len(task.splits["train"]) == 3  # one bad row per split file
+    e2e = tmp_path / "e2e"
+    e2e.mkdir()
+    (e2e / "devset.csv").write_bytes(b"mr,ref\nname[A],A is good.\nname[B],B is caf\xe9.\n")
+    with pytest.raises(TaskDataError, match=r"devset.csv:3: not valid UTF-8 \(byte 0xe9\)"):
+        load_task("e2e", e2e)

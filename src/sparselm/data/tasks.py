@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -104,22 +105,31 @@ def _read_e2e_csv(path: Path, rows: _Rows) -> "OrderedDict[str, list[str]]":
     if not path.is_file():
         raise FileNotFoundError(f"E2E file {path} not found; pass --data-dir pointing at a folder with devset.csv")
     grouped: OrderedDict[str, list[str]] = OrderedDict()
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"mr", "ref"} - set(reader.fieldnames or [])
-        if missing:
-            raise TaskDataError(f"{path}: missing column(s) {sorted(missing)}; an E2E CSV has header 'mr,ref'")
-        for i, row in enumerate(reader, start=2):  # line 1 is the header
-            where = f"{path}:{i}"
-            mr, ref = row.get("mr"), row.get("ref")
-            if not mr or not mr.strip():
-                rows.bad(where, "mr", "is empty")
-                continue
-            if not ref or not ref.strip():
-                rows.bad(where, "ref", "is empty")
-                continue
-            grouped.setdefault(mr.strip(), []).append(ref.strip())
+    reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""))
+    missing = {"mr", "ref"} - set(reader.fieldnames or [])
+    if missing:
+        raise TaskDataError(f"{path}: missing column(s) {sorted(missing)}; an E2E CSV has header 'mr,ref'")
+    for i, row in enumerate(reader, start=2):  # line 1 is the header
+        where = f"{path}:{i}"
+        mr, ref = row.get("mr"), row.get("ref")
+        if not mr or not mr.strip():
+            rows.bad(where, "mr", "is empty")
+            continue
+        if not ref or not ref.strip():
+            rows.bad(where, "ref", "is empty")
+            continue
+        grouped.setdefault(mr.strip(), []).append(ref.strip())
     return grouped
+
+
+def _read_utf8(path: Path) -> str:
+    """A whole task file as text; a byte that is not UTF-8 is an error naming its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise TaskDataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); re-encode the file as UTF-8") from None
 
 
 def load_e2e(folder: Path, skip_bad_rows: bool = False, cleaned: bool = False) -> TaskData:
@@ -209,10 +219,16 @@ def load_jsonl(folder: Path, skip_bad_rows: bool = False) -> TaskData:
         if path is None:
             raise FileNotFoundError(f"{folder}: no {names[0]}; a JSONL task needs train.jsonl, validation.jsonl and test.jsonl")
         grouped: OrderedDict[str, list[str]] = OrderedDict()
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows.bad(where, "(line)", f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}; "
+                                          "re-encode the file as UTF-8)")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -234,7 +250,7 @@ def _load_json(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; pass --data-dir pointing at the task's folder")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_read_utf8(path))
     except json.JSONDecodeError as e:
         raise TaskDataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 

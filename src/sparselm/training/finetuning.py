@@ -24,6 +24,7 @@ from ..sparsity import Static
 from .config import FINETUNE_MODES as MODES
 from .config import FinetuneConfig
 from .loop import Phase, StepCost, Trainer, autocast_for, new_state, start_run, restore, train
+from .lock import writes_run
 from .optim import adamw, linear_lr
 
 __all__ = ["FinetuneConfig", "MODES", "finetune"]
@@ -37,6 +38,7 @@ def _wrap_lora(model, cfg: FinetuneConfig):
     return get_peft_model(model, lcfg)
 
 
+@writes_run
 def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = None, log=print) -> dict:
     """Fine-tune, write the run directory (an HF model directory plus sparselm extras), return its summary."""
     start = start_run(cfg, resume, progress, log)

@@ -19,6 +19,7 @@ from ..models import build_model
 from ..sparsity import global_sparsity
 from .config import PretrainConfig
 from .loop import Phase, RunExistsError, StepCost, Trainer, autocast_for, new_state, start_run, restore, train
+from .lock import writes_run
 from .optim import adamw, cosine_lr
 
 __all__ = ["RunExistsError", "pretrain", "param_count", "next_token_loss"]
@@ -49,6 +50,7 @@ def evaluate_loss(model, tokens, batch_size: int, block_size: int, n_batches: in
     return total / count
 
 
+@writes_run
 def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = None, log=print) -> dict:
     """Train, write the run directory, return its summary."""
     start = start_run(cfg, resume, progress, log)
