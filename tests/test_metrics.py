@@ -26,6 +26,24 @@ def test_metrics_match_official_scorers(fixture_sets, name):
         assert got[key] == pytest.approx(value, abs=0.01), key
 
 
+@pytest.mark.parametrize("name", ["e2e-human", "e2e-copy", "e2e-short", "e2e-dot", "e2e-shifted"])
+def test_e2e_bleu_and_nist_equal_the_official_sig_scorer(fixture_sets, name):
+    """Outputs shorter than their references, on MRs with 1 to 45 references: padding references must
+    not shorten BLEU's closest reference length or NIST's average one (mteval-v13a-sig)."""
+    _, hyps, refs = fixture_sets[name]
+    got = metrics.mteval_bleu_nist(hyps, refs)
+    want = GOLDEN["e2e-mteval-sig"][name]
+    assert got["bleu"] == pytest.approx(want["bleu"], abs=1e-4) and got["nist"] == pytest.approx(want["nist"], abs=1e-4)
+
+
+def test_a_degenerate_output_scores_near_zero_not_sixty():
+    """"." for every input once scored BLEU 60.65: the empty padding references made the closest
+    reference length 0, so no brevity penalty applied."""
+    refs = [["There is a cheap pub called The Eagle near the river.", "The Eagle is a cheap pub by the river."],
+            ["Aromi is a coffee shop."]]
+    assert metrics.mteval_bleu_nist([".", "."], refs)["bleu"] < 1.0  # 0.09: mteval smoothing of empty matches
+
+
 def test_mteval_tokenization_matches_v13a_rules():
     # expected output taken from mteval-v13a.pl's own tokenization subroutine run by Perl
     assert " ".join(metrics.mteval_tokenize("The Eagle's price-range is £20-25, near 3.5 km.")) == \

@@ -76,7 +76,9 @@ def _nist_length_penalty(ratio: float) -> float:
 
 
 def mteval_bleu_nist(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
-    """System-level BLEU (0-100) and NIST of mteval-v13a, references padded as the E2E scorer does."""
+    """System-level BLEU (0-100) and NIST as the E2E scorer computes them: mteval-v13a-sig.pl with
+    references padded by empty segments, which take no part in BLEU's closest reference length nor
+    in NIST's average reference length (so a short or degenerate output is penalised as it should)."""
     _check_lengths(hyps, refs)
     max_n = 9
     n_sys = max(len(r) for r in refs)
@@ -97,6 +99,7 @@ def mteval_bleu_nist(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict
         info[g] = -math.log(c / denom) / math.log(2)
 
     ref_len_total = 0
+    nonempty_refs = 0  # mteval-v13a-sig: padding references do not count as references
     match = [0] * (max_n + 1)
     tst = [0] * (max_n + 1)
     ref_cnt1 = 0
@@ -111,7 +114,11 @@ def mteval_bleu_nist(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict
             for g, c in _ngrams(r, max_n).items():
                 ref_max[g] = max(ref_max.get(g, 0), c)
             ref_cnt1 += len(r)
-            ref_len = len(r) if ref_len is None else _closest(ref_len, len(r), len(hyp))
+            nonempty_refs += bool(r)
+            if ref_len is None:
+                ref_len = len(r)
+            elif r:  # -sig: an empty (padding) reference is never the closest length
+                ref_len = _closest(ref_len, len(r), len(hyp))
         ref_len_total += ref_len
         for g, c in hyp_ngrams.items():
             if g in ref_max:
@@ -136,7 +143,8 @@ def mteval_bleu_nist(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict
         bleu = math.exp(log_sum / 4) * bp
     # nist_score over 1..5-grams
     nist = sum(tst_info[n] / max(tst[n], 1) for n in range(1, 6))
-    nist *= _nist_length_penalty(tst[1] / (ref_cnt1 / n_sys)) if ref_cnt1 else 0.0
+    # -sig: the average reference length is over the non-empty references of each segment
+    nist *= _nist_length_penalty(tst[1] / (ref_cnt1 / (nonempty_refs / len(tok_hyps)))) if ref_cnt1 else 0.0
     return {"bleu": 100.0 * bleu, "nist": nist}
 
 
