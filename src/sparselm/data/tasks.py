@@ -4,8 +4,9 @@ Every task becomes a list of ``Example(id, source, refs)`` per split: ``source``
 input, ``refs`` all human references for it (training uses one row per reference; evaluation scores
 against all). Splits follow ``shared/data/README.md``: E2E trains on ``devset.csv`` minus the MRs
 whose SHA-1 ends in 0/1 (validation) and tests on ``testset_w_refs.csv`` (with ``trainset.csv``
-present, the official train/dev/test are used); WebNLG and DART hash the entry id (index for DART):
-last hex digit 0-3 -> test, 4 -> validation, else train.
+present, the official train/dev/test are used); WebNLG hashes the entry id, DART its tripleset (as
+``subject | property | object`` lines; repeated triplesets become one input with all their
+references): last hex digit 0-3 -> test, 4 -> validation, else train. No input is in two splits.
 
 A malformed row raises ``TaskDataError`` naming file, line/entry and field; with
 ``skip_bad_rows=True`` it is skipped, counted and warned about instead. Nothing is dropped silently.
@@ -191,7 +192,7 @@ def load_dart(folder: Path, skip_bad_rows: bool = False) -> TaskData:
     if not isinstance(data, list):
         raise TaskDataError(f"{path}: expected a JSON list of {{tripleset, annotations}} as in DART v1.1.1")
     rows = _Rows(skip_bad_rows)
-    splits = {s: [] for s in SPLITS}
+    grouped: OrderedDict[str, Example] = OrderedDict()  # the dev file repeats some triplesets
     for i, ex in enumerate(data):
         where = f"{path}: example {i}"
         triples = ex.get("tripleset") if isinstance(ex, dict) else None
@@ -202,8 +203,12 @@ def load_dart(folder: Path, skip_bad_rows: bool = False) -> TaskData:
         if not refs:
             rows.bad(where, "annotations", "has no non-empty 'text'")
             continue
-        source = _linearise(triples)
-        splits[_split_of(str(i))].append(Example(id=str(i), source=source, refs=refs))
+        key = "\n".join(" | ".join(str(x) for x in t) for t in triples)
+        example = grouped.setdefault(key, Example(id=str(i), source=_linearise(triples)))
+        example.refs += [r for r in refs if r not in example.refs]
+    splits = {s: [] for s in SPLITS}
+    for key, example in grouped.items():  # keyed by the tripleset: a repeated input never crosses splits
+        splits[_split_of(key)].append(example)
     return TaskData("dart", splits, rows.skipped)
 
 
