@@ -79,6 +79,38 @@ def mteval_bleu_nist(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict
     """System-level BLEU (0-100) and NIST as the E2E scorer computes them: mteval-v13a-sig.pl with
     references padded by empty segments, which take no part in BLEU's closest reference length nor
     in NIST's average reference length (so a short or degenerate output is penalised as it should)."""
+    segments, nist = _mteval(hyps, refs)
+    return {"bleu": mteval_bleu_from_stats([sum(col) for col in zip(*segments)]), "nist": nist}
+
+
+def mteval_bleu_segments(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Per-segment BLEU statistics ``[ref_len, match_1..4, hyp_ngrams_1..4]``: summed over any subset
+    of segments they give that subset's corpus BLEU (``mteval_bleu_from_stats``), for bootstrapping."""
+    return _mteval(hyps, refs)[0]
+
+
+def mteval_bleu_from_stats(totals: Sequence[float]) -> float:
+    """mteval's corpus BLEU (0-100, with its smoothing of n-gram orders without a match) from summed
+    segment statistics."""
+    ref_len, match, tst = totals[0], totals[1:5], totals[5:9]
+    if tst[0] <= 0:
+        return 0.0
+    bp = math.exp(min(0.0, 1.0 - ref_len / tst[0]))
+    log_sum, smooth = 0.0, 1
+    for m, t in zip(match, tst):
+        if t == 0:
+            iscore = 0.0
+        elif m == 0:
+            smooth *= 2
+            iscore = math.log(1.0 / (smooth * t))
+        else:
+            iscore = math.log(m / t)
+        log_sum += iscore
+    return 100.0 * math.exp(log_sum / 4) * bp
+
+
+def _mteval(hyps, refs) -> tuple[list[list[int]], float]:
+    """(per-segment BLEU statistics, system NIST) of mteval-v13a-sig with padded references."""
     _check_lengths(hyps, refs)
     max_n = 9
     n_sys = max(len(r) for r in refs)
@@ -98,16 +130,16 @@ def mteval_bleu_nist(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict
         denom = counts[g[:-1]] if len(g) > 1 else total_words
         info[g] = -math.log(c / denom) / math.log(2)
 
-    ref_len_total = 0
+    segments = []
     nonempty_refs = 0  # mteval-v13a-sig: padding references do not count as references
-    match = [0] * (max_n + 1)
     tst = [0] * (max_n + 1)
     ref_cnt1 = 0
     tst_info = [0.0] * (max_n + 1)
     for hyp, rs in zip(tok_hyps, tok_refs):
         hyp_ngrams = _ngrams(hyp, max_n)
+        seg_tst = [max(0, len(hyp) - n + 1) for n in range(max_n + 1)]
         for n in range(1, max_n + 1):
-            tst[n] += max(0, len(hyp) - n + 1)
+            tst[n] += seg_tst[n]
         ref_max: dict = {}
         ref_len = None
         for r in rs:
@@ -119,33 +151,18 @@ def mteval_bleu_nist(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict
                 ref_len = len(r)
             elif r:  # -sig: an empty (padding) reference is never the closest length
                 ref_len = _closest(ref_len, len(r), len(hyp))
-        ref_len_total += ref_len
+        seg_match = [0] * (max_n + 1)
         for g, c in hyp_ngrams.items():
             if g in ref_max:
                 m = min(c, ref_max[g])
-                match[len(g)] += m
+                seg_match[len(g)] += m
                 tst_info[len(g)] += info[g] * m
+        segments.append([ref_len, *seg_match[1:5], *seg_tst[1:5]])
 
-    # bleu_score (with mteval's smoothing, a no-op unless some n-gram order has no match)
-    bleu = 0.0
-    if tst[1] > 0:
-        bp = math.exp(min(0.0, 1.0 - ref_len_total / tst[1]))
-        log_sum, smooth = 0.0, 1
-        for n in range(1, 5):
-            if tst[n] == 0:
-                iscore = 0.0
-            elif match[n] == 0:
-                smooth *= 2
-                iscore = math.log(1.0 / (smooth * tst[n]))
-            else:
-                iscore = math.log(match[n] / tst[n])
-            log_sum += iscore
-        bleu = math.exp(log_sum / 4) * bp
-    # nist_score over 1..5-grams
+    # nist_score over 1..5-grams; -sig: the average reference length is over each segment's non-empty references
     nist = sum(tst_info[n] / max(tst[n], 1) for n in range(1, 6))
-    # -sig: the average reference length is over the non-empty references of each segment
     nist *= _nist_length_penalty(tst[1] / (ref_cnt1 / (nonempty_refs / len(tok_hyps)))) if ref_cnt1 else 0.0
-    return {"bleu": 100.0 * bleu, "nist": nist}
+    return segments, nist
 
 
 # ---- pycocoevalcap: METEOR 1.5, ROUGE-L, CIDEr -------------------------------------------------
