@@ -161,3 +161,59 @@ def test_report_marks_incomplete_cells(tmp_path):
     res["rows"][-1]["status"] = "failed"
     write_report(res, tmp_path)
     assert "Incomplete cells" in (tmp_path / "report.md").read_text()
+
+
+def test_seeds_give_mean_std_intervals_and_significance_sentences(tmp_path, shared_data):
+    """A 2-seed grid on disk (outputs chosen so that one comparison is clear-cut and one is a tie):
+    results.csv, report.md and report.html carry mean ± std, n, bootstrap CIs and the verdicts."""
+    import csv
+
+    from sparselm.data.tasks import load_task
+    from sparselm.evaluation.uncertainty import bleu_segments, bootstrap_ci
+    from sparselm.experiments.results import collect, write_results
+
+    spec_path = tmp_path / "two-seeds.yaml"
+    spec_path.write_text("preset: tiny\nsparsities: [0.0, 0.5]\ntasks: [e2e]\nmodes: [dense, sparse]\nseeds: [1, 2]\n"
+                         "eval_limit: 60\n")
+    spec = load_spec(str(spec_path))
+    examples = load_task("e2e").splits["test"][:60]
+    refs = [e.refs for e in examples]
+    good = [e.refs[0] for e in examples]
+    short = [" ".join(e.refs[0].split()[:5]) for e in examples]
+    outputs = {("dense", 0.0): good, ("dense", 0.5): short, ("sparse", 0.5): short}
+    pre, fine = plan(spec, tmp_path / "grid")
+    for cell in pre:
+        cell.dir.mkdir(parents=True)
+        (cell.dir / "summary.json").write_text(json.dumps({"final_val_loss": 5.0 + cell.seed / 10, "train_flops": 1e12,
+                                                           "dense_train_flops": 2e12, "wall_time_s": 1.0}))
+    for cell in fine:
+        hyps = outputs[(cell.mode, cell.pretrain.sparsity)]
+        if cell.pretrain.seed == 2:  # the second seed differs a little
+            hyps = hyps[:-1] + [hyps[0]]
+        segments = bleu_segments("e2e", hyps, refs)
+        from sparselm.evaluation.metrics import mteval_bleu_nist
+
+        cell.dir.mkdir(parents=True)
+        (cell.dir / "summary.json").write_text(json.dumps({"final_val_loss": 1.0, "finetune_flops": 1e10}))
+        cell.eval_file.parent.mkdir(parents=True)
+        cell.eval_file.write_text(json.dumps({"metrics": {"bleu": mteval_bleu_nist(hyps, refs)["bleu"]},
+                                              "confidence": {"bleu": list(bootstrap_ci("e2e", segments)), "level": 0.95},
+                                              "bleu_segments": segments.astype(int).tolist()}))
+    results = collect(spec, tmp_path / "grid")
+    write_results(results, tmp_path / "grid")
+
+    rows = list(csv.DictReader(open(tmp_path / "grid" / "results.csv")))
+    assert len(rows) == 3 and all(r["n_seeds"] == "2" for r in rows)
+    base = next(r for r in rows if r["sparsity"] == "0.0")
+    assert float(base["bleu_std"]) > 0 and float(base["bleu_ci_lo"]) < float(base["bleu"]) < float(base["bleu_ci_hi"])
+    assert len(list(csv.DictReader(open(tmp_path / "grid" / "results_per_seed.csv")))) == 6
+    md = (tmp_path / "grid" / "report.md").read_text()
+    assert " ± " in md and "(n=2)" in md
+    spdf = next(c for c in results["comparisons"] if c["what"] == "spdf_vs_dense")
+    tie = next(c for c in results["comparisons"] if c["what"] == "dense_ft_vs_sparse_ft")
+    assert spdf["delta"] < -20 and spdf["p_value"] < 0.05 and spdf["n_inputs"] == 120 and spdf["n_seeds"] == 2
+    assert tie["delta"] == 0 and tie["p_value"] == 1.0
+    assert "sparse pre-training + dense fine-tuning vs dense pre-training + dense fine-tuning: ΔBLEU -" in md
+    assert "significant at 5%" in md and "not significant at 5%" in md
+    html = (tmp_path / "grid" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "<li>" in html  # standalone: images embedded (no loss curves here)

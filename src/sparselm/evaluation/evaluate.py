@@ -16,6 +16,7 @@ from ..models.loss import encode_pairs, validation_loss
 from ..models.runs import load_run
 from .generate import DecodingConfig, generate
 from .metrics import score
+from .uncertainty import LEVEL, RESAMPLES, bleu_segments, bootstrap_ci
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,10 @@ def evaluate(model_dir: str | Path, task: str = "e2e", split: str = "test", limi
         "metrics": score(task, hyps, [e.refs for e in examples]),
         "generation_time_s": gen_time,
     }
+    segments = bleu_segments(task, hyps, [e.refs for e in examples])
+    lo, hi = bootstrap_ci(task, segments)
+    result["confidence"] = {"bleu": [lo, hi], "level": LEVEL, "resamples": RESAMPLES, "over": "test inputs"}
+    result["bleu_segments"] = segments.astype(int).tolist()  # per-input statistics for paired tests between runs
     context = context_length(model)
     val, long_val = encode_pairs(tok, data.pairs("validation")[:val_limit], context, skip_too_long=True)
     result["metrics"]["val_ppl"] = math.exp(validation_loss(model, val, decoding.batch_size, tok.eos_token_id, device))
@@ -102,6 +107,8 @@ def copy_baseline(task: str, split: str, limit: int | None = None, data_dir=None
 def format_table(result: dict) -> str:
     rows = [f"{result['task']} {result['split']} ({result['n_examples']} inputs, {result['n_references']} refs, "
             f"beam {result['decoding']['num_beams']})"]
+    ci = result.get("confidence", {})
     for k, v in result["metrics"].items():
-        rows.append(f"  {k:<8} {v:8.3f}")
+        interval = f"   {100 * ci['level']:.0f}% CI [{ci[k][0]:.2f}, {ci[k][1]:.2f}] over inputs" if k in ci else ""
+        rows.append(f"  {k:<8} {v:8.3f}{interval}")
     return "\n".join(rows)

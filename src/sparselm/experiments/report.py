@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import html
 import json
-from collections import defaultdict
+import base64
 from pathlib import Path
-from statistics import mean
 
 from ..evaluation.metrics import METRICS
+from .stats import aggregate
 
 
 def _fmt(x, digits=2) -> str:
@@ -21,20 +21,29 @@ def _fmt(x, digits=2) -> str:
 
 
 def _group(rows, keys):
-    """Mean of numeric fields over seeds for rows sharing ``keys``."""
-    groups = defaultdict(list)
-    for r in rows:
-        if r.get("status") == "done":
-            groups[tuple(r[k] for k in keys)].append(r)
-    out = {}
-    for k, rs in groups.items():
-        merged = dict(rs[0])
-        for f in rs[0]:
-            vals = [r.get(f) for r in rs]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-                merged[f] = mean(vals)
-        merged["n_seeds"] = len(rs)
-        out[k] = merged
+    return aggregate(rows, keys)
+
+
+def _spread(cell: dict, field: str, digits: int = 2) -> str:
+    """``mean`` for one seed, ``mean ± std (n=k)`` for several."""
+    if cell is None or cell.get(field) is None:
+        return "—"
+    if cell.get("n_seeds", 1) > 1:
+        return f"{cell[field]:.{digits}f} ± {cell.get(field + '_std', 0.0):.{digits}f} (n={cell['n_seeds']})"
+    return _fmt(cell[field], digits)
+
+
+def _significance(results: dict) -> list[str]:
+    """One sentence per SPDF comparison: the difference, its interval and whether it is significant."""
+    words = {"spdf_vs_dense": "sparse pre-training + dense fine-tuning vs dense pre-training + dense fine-tuning",
+             "dense_ft_vs_sparse_ft": "dense vs sparse fine-tuning of the same sparse model"}
+    out = []
+    for c in results.get("comparisons", []):
+        a = _label(c["a"][1], c["a"][2])
+        verdict = ("significant" if c["p_value"] < 1 - c["level"] else "not significant") + f" at {100 * (1 - c['level']):.0f}%"
+        out.append(f"{c['task']}, {a}: {words[c['what']]}: ΔBLEU {c['delta']:+.2f} "
+                   f"({100 * c['level']:.0f}% CI [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}], p = {c['p_value']:.3f}, "
+                   f"{c['n_inputs']} paired inputs over {c['n_seeds']} seed(s)): {verdict}.")
     return out
 
 
@@ -70,11 +79,12 @@ def _plots(results: dict, out: Path) -> list[tuple[str, str]]:
             line, = axes[0].plot([c["tokens"] for c in val], [c["val_loss"] for c in val], marker="o", label=label)
             axes[1].plot([c["train_flops"] for c in val], [c["val_loss"] for c in val], marker="o", color=line.get_color(), label=label)
         axes[0].set_xlabel("tokens seen")
-        axes[1].set_xlabel("pre-training FLOPs (sparse, as counted)")
+        axes[1].set_xlabel("pre-training FLOPs (sparse, as counted; log scale)")
+        axes[1].set_xscale("log")
         for ax in axes:
             ax.set_ylabel("validation loss (nats/token)")
-            sci(ax)
-            ax.legend()
+            ax.legend(fontsize=8)
+        sci(axes[0])
         axes[0].set_title("Pre-training: validation loss vs tokens")
         axes[1].set_title("... vs pre-training compute")
         fig.tight_layout()
@@ -88,21 +98,25 @@ def _plots(results: dict, out: Path) -> list[tuple[str, str]]:
         fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             for mode, marker in (("dense", "o"), ("sparse", "s"), ("lora", "^")):
-                pts = sorted((v["pretrain_flops"], v["bleu"], k[2]) for k, v in cells.items()
+                def point(k, v):
+                    return v["pretrain_flops"], v["bleu"], v.get("bleu_std", 0.0), _label(k[2], k[3])
+
+                pts = sorted(point(k, v) for k, v in cells.items()
                              if k[0] == task and k[1] == mode and v.get("bleu") is not None and v.get("pretrain_flops"))
                 if mode == "sparse":  # a dense model's sparse fine-tuning is its dense fine-tuning
-                    pts = sorted(pts + [(v["pretrain_flops"], v["bleu"], k[2]) for k, v in cells.items()
+                    pts = sorted(pts + [point(k, v) for k, v in cells.items()
                                         if k[0] == task and k[1] == "dense" and k[2] == 0 and v.get("bleu") is not None])
                 if not pts:
                     continue
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"{mode} fine-tuning")
-                for x, y, s in pts:
-                    ax.annotate(f"{round(100 * s)}%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=9)
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
+                            capsize=3, label=f"{mode} fine-tuning")
+                for j, (x, y, _, label) in enumerate(pts):  # alternate sides so neighbouring labels do not overlap
+                    ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 6 if j % 2 == 0 else -12), fontsize=8)
             ax.set_title(f"{task}: BLEU vs pre-training FLOPs")
-            ax.set_xlabel("pre-training FLOPs")
-            ax.set_ylabel(f"BLEU ({results['eval_split']})")
-            sci(ax)
-            ax.legend()
+            ax.set_xlabel("pre-training FLOPs (log scale)")
+            ax.set_xscale("log")
+            ax.set_ylabel(f"BLEU ({results['eval_split']}; bars: std over seeds)")
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "plots" / "bleu_vs_flops.png", dpi=110)
         plt.close(fig)
@@ -133,6 +147,24 @@ def _plots(results: dict, out: Path) -> list[tuple[str, str]]:
             fig.savefig(out / "plots" / "finetune_gap.png", dpi=110)
             plt.close(fig)
             made.append(("Dense (SPDF) vs sparse fine-tuning at each pre-training sparsity", "plots/finetune_gap.png"))
+
+    curves = [r for r in results["rows"] if r.get("ft_curve")]
+    if curves:
+        fig, axes = plt.subplots(1, len(tasks) or 1, figsize=(5.5 * max(1, len(tasks)), 4.5), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for r in sorted((r for r in curves if r["task"] == task), key=lambda r: (r["sparsity"], r["method"], r["mode"], r["seed"])):
+                label = f"{_label(r['sparsity'], r['method'])}, {r['mode']} FT" + (
+                    f" (seed {r['seed']})" if len(results["spec"]["seeds"]) > 1 else "")
+                ax.plot([c["step"] for c in r["ft_curve"]], [c["val_loss"] for c in r["ft_curve"]], marker=".",
+                        ls="--" if r["mode"] == "sparse" else "-", label=label)
+            ax.set_title(f"{task}: fine-tuning validation loss")
+            ax.set_xlabel("fine-tuning step")
+            ax.set_ylabel("validation loss on targets (nats/token)")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "plots" / "finetune_loss.png", dpi=110)
+        plt.close(fig)
+        made.append(("Fine-tuning validation loss per cell (dashed: sparse fine-tuning)", "plots/finetune_loss.png"))
     return made
 
 
@@ -148,24 +180,36 @@ def _blocks(results: dict, plots) -> list[tuple]:
     tasks = [t for t in spec["tasks"] if any(k[0] == t for k in cells)]
 
     # main table, laid out like the SPDF paper's: BLEU per task per sparsity, dense vs sparse FT
-    header = ["pre-training", "pre-train FLOPs", "FT"] + [f"{t} BLEU" for t in tasks] + [f"{t} Δ" for t in tasks]
+    pooled = {(c["task"], c["mode"], c["sparsity"], c["method"]): c["ci"] for c in results.get("pooled_bleu_ci", [])}
+    header = (["pre-training", "pre-train FLOPs", "FT"] + [f"{t} BLEU" for t in tasks] + [f"{t} Δ" for t in tasks]
+              + [f"{t} BLEU 95% CI" for t in tasks])
     rows = []
     levels = sorted({(k[2], k[3]) for k in cells})
     for sparsity, method in levels:
         for mode in spec["modes"]:
             if sparsity == 0 and mode == "sparse":
                 continue
-            vals, deltas, fl = [], [], None
+            vals, deltas, cis, fl = [], [], [], None
             for t in tasks:
                 v = cells.get((t, mode, sparsity, method))
                 base = cells.get((t, "dense", 0.0, "dense"))
                 fl = fl or (v or {}).get("pretrain_flops")
-                vals.append(_fmt(v.get("bleu")) if v else "—")
+                vals.append(_spread(v, "bleu"))
                 deltas.append(_fmt(v["bleu"] - base["bleu"], 2) if v and base and sparsity > 0 else "")
-            rows.append([_label(sparsity, method), _fmt(fl), mode] + vals + deltas)
+                ci = pooled.get((t, mode, sparsity, method))
+                cis.append(f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "—")
+            rows.append([_label(sparsity, method), _fmt(fl), mode] + vals + deltas + cis)
     blocks += [("h2", "Main result"),
-               ("p", "Δ: BLEU difference to dense pre-training + dense fine-tuning (negative = quality lost)."),
+               ("p", "BLEU: mean ± standard deviation over seeds (n = seeds) where there are several. "
+                     "Δ: difference of the means to dense pre-training + dense fine-tuning (negative = quality lost). "
+                     "95% CI: percentile bootstrap over test inputs (1000 resamples), every seed's outputs pooled."),
                ("table", header, rows)]
+    sentences = _significance(results)
+    if sentences:
+        blocks += [("h2", "Which differences are significant"),
+                   ("p", "Paired bootstrap over test inputs (Koehn 2004), seeds pooled and paired by seed; "
+                         "p is two-sided."),
+                   ("list", sentences)]
 
     # pre-training
     prow = []
@@ -182,8 +226,8 @@ def _blocks(results: dict, plots) -> list[tuple]:
         for (task, mode, sparsity, method), v in sorted(cells.items(), key=lambda kv: (kv[0][2], kv[0][1])):
             if task != t:
                 continue
-            trows.append([_label(sparsity, method), mode] + [_fmt(v.get(m.name)) for m in metrics]
-                         + [_fmt(v.get("finetune_val_loss"), 3), _fmt(v.get("finetune_flops"))])
+            trows.append([_label(sparsity, method), mode] + [_spread(v, m.name) for m in metrics]
+                         + [_spread(v, "finetune_val_loss", 3), _fmt(v.get("finetune_flops"))])
         arrows = [m.display + (" ↑" if m.higher_is_better else " ↓") for m in metrics]
         blocks += [("h2", f"{t}"), ("table", ["pre-training", "FT"] + arrows + ["FT val loss", "FT FLOPs"], trows)]
 
@@ -214,12 +258,14 @@ def _markdown(blocks) -> str:
             out.append("|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|")
             out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
             out.append("")
+        elif b[0] == "list":
+            out += [f"- {item}" for item in b[1]] + [""]
         elif b[0] == "img":
             out.append(f"![{b[1]}]({b[2]})\n")
     return "\n".join(out)
 
 
-def _html(blocks, title: str) -> str:
+def _html(blocks, title: str, out: Path) -> str:
     e = html.escape
     body = []
     for b in blocks:
@@ -231,8 +277,11 @@ def _html(blocks, title: str) -> str:
             head = "".join(f"<th>{e(str(h))}</th>" for h in b[1])
             rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in b[2])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        elif b[0] == "img":
-            body.append(f"<figure><img src=\"{e(b[2])}\" alt=\"{e(b[1])}\"><figcaption>{e(b[1])}</figcaption></figure>")
+        elif b[0] == "list":
+            body.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in b[1]) + "</ul>")
+        elif b[0] == "img":  # embedded, so report.html is one standalone file
+            data = base64.b64encode((out / b[2]).read_bytes()).decode() if (out / b[2]).exists() else ""
+            body.append(f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{e(b[1])}\"><figcaption>{e(b[1])}</figcaption></figure>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}figcaption{color:#555}")
@@ -244,7 +293,7 @@ def write_report(results: dict, out: str | Path) -> Path:
     plots = _plots(results, out)
     blocks = _blocks(results, plots)
     (out / "report.md").write_text(_markdown(blocks))
-    (out / "report.html").write_text(_html(blocks, f"SPDF report: {results['spec']['name']}"))
+    (out / "report.html").write_text(_html(blocks, f"SPDF report: {results['spec']['name']}", out))
     return out / "report.md"
 
 

@@ -6,8 +6,12 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+
+from ..evaluation.uncertainty import bootstrap_ci, paired_bootstrap
 from ..files import write_json
 from .grid import plan
+from .stats import CELL_KEYS, aggregate
 from .report import write_report
 from .spec import ExperimentSpec
 
@@ -33,8 +37,10 @@ def _curve(run_dir: Path) -> list[dict]:
 
 
 def collect(spec: ExperimentSpec, out: Path) -> dict:
-    """One row per cell, whatever its status, from the files the grid's cells left."""
+    """One row per cell, whatever its status, from the files the grid's cells left; BLEU intervals
+    and paired tests from the evaluations' per-input statistics."""
     pre, fine = plan(spec, out)
+    segments: dict = {}
     pretrain_rows = []
     for cell in pre:
         s = _read_json(cell.dir / "summary.json")
@@ -60,18 +66,70 @@ def collect(spec: ExperimentSpec, out: Path) -> dict:
             "wall_time_s": sum(x or 0 for x in (p.get("wall_time_s"), s.get("wall_time_s"), ev.get("generation_time_s"))),
         }
         row.update(ev.get("metrics", {}))
+        if "confidence" in ev:
+            row["bleu_ci"] = ev["confidence"]["bleu"]
+        row["ft_curve"] = [c for c in _curve(cell.dir) if "val_loss" in c]
         rows.append(row)
-    return {"spec": spec.to_dict(), "eval_split": spec.eval_split, "pretrain": pretrain_rows, "rows": rows}
+        segments[(cell.task, cell.mode, cell.pretrain.sparsity, row["method"], cell.pretrain.seed)] = ev.get("bleu_segments")
+    return {"spec": spec.to_dict(), "eval_split": spec.eval_split, "pretrain": pretrain_rows, "rows": rows,
+            "pooled_bleu_ci": pooled_intervals(segments), "comparisons": comparisons(segments)}
+
+
+def _stack(segments: dict, task: str, mode: str, sparsity: float, method: str, seeds) -> np.ndarray | None:
+    """Per-input BLEU statistics of a cell, all given seeds stacked (rows paired by seed and input)."""
+    parts = [segments.get((task, mode, sparsity, method, seed)) for seed in seeds]
+    return None if not parts or any(p is None for p in parts) else np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
+
+
+def pooled_intervals(segments: dict) -> list[dict]:
+    """A 95% bootstrap CI of BLEU per cell over its test inputs, every seed's outputs pooled."""
+    out = []
+    for task, mode, sparsity, method in sorted({k[:4] for k in segments}):
+        seeds = sorted(k[4] for k in segments if k[:4] == (task, mode, sparsity, method))
+        stacked = _stack(segments, task, mode, sparsity, method, seeds)
+        if stacked is not None:
+            out.append({"task": task, "mode": mode, "sparsity": sparsity, "method": method, "n_seeds": len(seeds),
+                        "ci": list(bootstrap_ci(task, stacked))})
+    return out
+
+
+def comparisons(segments: dict) -> list[dict]:
+    """SPDF's two questions, by paired bootstrap over test inputs (seeds pooled, paired by seed):
+    does sparse pre-training + dense fine-tuning lose BLEU against dense pre-training, and does dense
+    fine-tuning beat sparse fine-tuning of the same sparse model?"""
+    out = []
+    levels = sorted({(k[0], k[2], k[3]) for k in segments if k[2] > 0})
+    for task, sparsity, method in levels:
+        pairs = [("spdf_vs_dense", ("dense", sparsity, method), ("dense", 0.0, "dense")),
+                 ("dense_ft_vs_sparse_ft", ("dense", sparsity, method), ("sparse", sparsity, method))]
+        for what, a, b in pairs:
+            seeds = sorted({k[4] for k in segments if k[:4] == (task, *a)} & {k[4] for k in segments if k[:4] == (task, *b)})
+            sa, sb = _stack(segments, task, *a, seeds), _stack(segments, task, *b, seeds)
+            if sa is None or sb is None:
+                continue
+            test = paired_bootstrap(task, sa, sb)
+            out.append({"task": task, "what": what, "a": list(a), "b": list(b), "n_seeds": len(seeds), **test})
+    return out
 
 
 def write_results(results: dict, out: Path) -> None:
     out = Path(out)
     write_json(out / "results.json", results)
-    keys: list[str] = []
-    for r in results["rows"]:
-        keys += [k for k in r if k not in keys]
-    with open(out / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(results["rows"])
+    cells = list(aggregate(results["rows"]).values())
+    pooled = {tuple(c[k] for k in CELL_KEYS): c["ci"] for c in results.get("pooled_bleu_ci", [])}
+    for c in cells:
+        lo_hi = pooled.get(tuple(c[k] for k in CELL_KEYS))
+        c["bleu_ci_lo"], c["bleu_ci_hi"] = lo_hi if lo_hi else (None, None)
+    _write_csv(out / "results.csv", cells)  # one row per cell: mean, std and n over seeds, 95% CI over inputs
+    _write_csv(out / "results_per_seed.csv", results["rows"])
     write_report(results, out)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k, v in r.items() if k not in keys and not isinstance(v, (list, dict))]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
