@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..files import MANIFEST, check_mask_counts, read_json, reading, verify
 from .family import load_model
+
+TODO = "restore the run directory from a copy or train the run again"
 
 
 def load_tokenizer(path: str | Path):
@@ -21,16 +23,30 @@ def load_tokenizer(path: str | Path):
 
 
 def load_run(path: str | Path):
-    """(model, tokenizer, masks or None, summary dict) of a run directory."""
+    """(model, tokenizer, masks or None, summary dict) of a run directory. A run sparselm finished
+    is checked against its manifest first; a directory without one (an HF model from elsewhere, an
+    older run) loads as it is, with parse errors naming the file."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json); pass a finished run, e.g. runs/tiny-s75")
-    model = load_model(path)
-    tok = load_tokenizer(path)
+    manifest = verify(path, TODO) or {}
+    read_json(path / "config.json", TODO)  # load_model's own parse would not name the file
+    with reading(path / "model.safetensors", TODO):
+        model = load_model(path)
+    with reading(f"the tokenizer files in {path}", TODO):
+        tok = load_tokenizer(path)
+    summary = read_json(path / "summary.json", TODO) if (path / "summary.json").exists() else {}
     masks = None
     if (path / "masks.safetensors").exists():
         from safetensors.torch import load_file
 
-        masks = load_file(str(path / "masks.safetensors"))
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else {}
+        with reading(path / "masks.safetensors", TODO):
+            masks = load_file(str(path / "masks.safetensors"))
+        if manifest.get("mask_kept"):
+            kept, source, tol = manifest["mask_kept"], path / MANIFEST, 0.0
+        else:  # no manifest: the summary's per-layer sparsity, a float (hence a tolerance)
+            layers = summary.get("sparsity", {}).get("layers", {})
+            kept = {k: (1 - s) * masks[k].numel() for k, s in layers.items() if k in masks}
+            source, tol = path / "summary.json", 1e-6
+        check_mask_counts(masks, kept, path / "masks.safetensors", str(source), TODO, rel_tol=tol)
     return model, tok, masks, summary

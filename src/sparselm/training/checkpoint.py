@@ -1,7 +1,9 @@
-"""Atomic checkpoints: weights, masks, optimizer, RNG and trainer state in one directory.
+"""Atomic, verified checkpoints (weights, masks, optimizer, RNG, trainer state) and finished runs.
 
-A checkpoint is written to ``checkpoint.tmp`` and swapped in with renames, so a crash at any
-moment leaves either the old or the new checkpoint whole, never a mixture.
+A checkpoint is written to ``checkpoint.tmp``, sealed with its manifest (``sparselm.files``) and
+swapped in with renames, so a crash or a full disk at any moment leaves the old or the new checkpoint
+whole, never a mixture. The files of a finished run are staged the same way in ``final.tmp``. Loading
+checks the manifest first, so a damaged file is an error naming it, not a NaN loss later.
 """
 
 from __future__ import annotations
@@ -10,30 +12,47 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from ..files import (MANIFEST, CorruptFileError, Staging, check_mask_counts, read_json, reading, save_torch, verify,
+                     write_text)
+
 CHECKPOINT = "checkpoint"
+
+
+def _todo(run_dir: Path) -> str:
+    """What to do about a damaged checkpoint of ``run_dir``."""
+    old = Path(run_dir) / f"{CHECKPOINT}.old"
+    older = (f"; {old} holds the checkpoint before it: move the damaged one away and rename {old.name} to "
+             f"{CHECKPOINT} to resume from there") if old.exists() else ""
+    return f"resume from an intact copy of {run_dir} or start a new run{older}"
+
+
+def _intact(run_dir: Path) -> str:
+    """What a failed write leaves behind to resume from."""
+    for path in (run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.old"):
+        if path.exists():
+            return f"the previous checkpoint at {path} is intact: free some space and resume with --resume"
+    return "no checkpoint was written yet: free some space and start the run again"
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, masks: dict | None, state: dict) -> Path:
     run_dir = Path(run_dir)
     final, tmp, old = run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.tmp", run_dir / f"{CHECKPOINT}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    if masks:
-        save_file(masks, str(tmp / "masks.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    with Staging(tmp, final, _intact(run_dir)) as stage:
+        stage.write("model.safetensors", lambda path: save_model(model, str(path)))
+        if masks:
+            stage.write("masks.safetensors", lambda path: save_file(masks, str(path)))
+        stage.write("optimizer.pt", lambda path: save_torch(optimizer.state_dict(), path))
+        stage.write("rng.pt", lambda path: save_torch(rng, path))
+        stage.write("trainer_state.json", lambda path: path.write_text(json.dumps(state, indent=2)))
+        stage.seal(masks, step=state["step"])
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -43,35 +62,88 @@ def save_checkpoint(run_dir: Path, model, optimizer, masks: dict | None, state: 
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint of a run, also after a crash in the middle of a swap."""
-    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
-        path = Path(run_dir) / name
-        if (path / "trainer_state.json").exists():
-            return path
-    return None
+    """The checkpoint to resume from: ``checkpoint``, or ``checkpoint.old`` after a crash between the
+    two renames of a swap (``checkpoint`` is then absent). An existing ``checkpoint`` was complete
+    when renamed into place, so one that fails its manifest is damaged: an error naming both, not a
+    silent step back to the older one. (Sizes only here; ``load_checkpoint`` checks the hashes.)"""
+    run_dir = Path(run_dir)
+    final, old = run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.old"
+    if final.exists():
+        if verify(final, _todo(run_dir), hashes=False) is None and not (final / "trainer_state.json").exists():
+            raise CorruptFileError(f"{final} is incomplete (no {MANIFEST}, no trainer_state.json); {_todo(run_dir)}")
+        return final
+    return old if (old / "trainer_state.json").exists() else None
 
 
 def load_checkpoint(path: Path, model, optimizer, map_location="cpu") -> tuple[dict | None, dict]:
-    """Restore model and optimizer in place; return (masks or None, trainer state)."""
+    """Restore model and optimizer in place; return (masks or None, trainer state). Every file is
+    checked against the manifest first; a checkpoint without one (older sparselm) is loaded as it is."""
     path = Path(path)
-    load_model(model, str(path / "model.safetensors"), device=str(map_location))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)
+    todo = _todo(path.parent)
+    manifest = verify(path, todo) or {}
+    with reading(path / "model.safetensors", todo):
+        load_model(model, str(path / "model.safetensors"), device=str(map_location))
+    with reading(path / "optimizer.pt", todo):
+        optimizer_state = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
+    optimizer.load_state_dict(optimizer_state)
+    with reading(path / "rng.pt", todo):
+        rng = torch.load(path / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    masks = load_file(str(path / "masks.safetensors")) if (path / "masks.safetensors").exists() else None
-    state = json.loads((path / "trainer_state.json").read_text())
+    masks = None
+    if (path / "masks.safetensors").exists():
+        with reading(path / "masks.safetensors", todo):
+            masks = load_file(str(path / "masks.safetensors"))
+        check_mask_counts(masks, manifest.get("mask_kept", {}), path / "masks.safetensors", str(path / MANIFEST), todo)
+    state = read_json(path / "trainer_state.json", todo)
     return masks, state
+
+
+def save_run(out: Path, model, save_tokenizer: Callable[[Path], object], masks: dict | None, summary: dict,
+             adapter=None) -> None:
+    """Write a finished run into ``out``: the HF model directory (weights, config, tokenizer), LoRA
+    ``adapter/``, masks, summary, and its manifest. They are staged in ``final.tmp`` and moved in,
+    summary then manifest last, so a full disk leaves no half-written file and the checkpoint intact."""
+    out = Path(out)
+    with Staging(out / "final.tmp", out, _intact(out)) as stage:
+        stage.write("model.safetensors", lambda path: model.save_pretrained(str(path.parent)))
+        if adapter is not None:
+            stage.write("adapter", lambda path: adapter.save_pretrained(str(path)))
+        stage.write("tokenizer.json", lambda path: save_tokenizer(path.parent))
+        if masks:
+            stage.write("masks.safetensors", lambda path: save_file(masks, str(path)))
+        if (out / "train_config.json").exists():
+            stage.write("train_config.json", lambda path: shutil.copyfile(out / "train_config.json", path))
+        stage.write("summary.json", lambda path: path.write_text(json.dumps(summary, indent=2)))
+        stage.seal(masks)
+    (out / MANIFEST).unlink(missing_ok=True)  # from a run being trained further: stale from here on
+    last = {"summary.json": 1, MANIFEST: 2}  # the summary marks the run finished, the manifest complete
+    for entry in sorted(stage.dir.iterdir(), key=lambda p: last.get(p.name, 0)):
+        if entry.is_dir():
+            shutil.rmtree(out / entry.name, ignore_errors=True)
+        os.replace(entry, out / entry.name)
+    stage.dir.rmdir()
 
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric rows logged after ``step`` (written after the checkpoint a resume starts from),
-    so a resumed run's log has each step once."""
+    so a resumed run's log has each step once. A last row cut off by a crash or a full disk is
+    dropped too; a damaged row before it is an error naming the line."""
     path = Path(path)
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    keep = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise CorruptFileError(f"{path} is corrupt at line {n}; delete that line (or the file) and resume again") from None
+        if row.get("step", 0) <= step:
+            keep.append(line)
+    write_text(path, "".join(line + "\n" for line in keep))

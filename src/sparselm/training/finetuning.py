@@ -16,11 +16,11 @@ import torch
 
 from .. import flops
 from ..data.tasks import load_task
-from ..files import write_json
 from ..models import lora_config_kwargs, shape_of
 from ..models.loss import collate, encode_pairs, target_loss, validation_loss
 from ..models.runs import load_run
 from ..sparsity import Static
+from .checkpoint import save_run
 from .config import FINETUNE_MODES as MODES
 from .config import FinetuneConfig
 from .loop import Phase, StepCost, Trainer, autocast_for, new_state, start_run, restore, train
@@ -157,13 +157,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = 
         "world_size": dist.world_size,
     }
     if dist.is_main:
-        if mode == "lora":
-            model.save_pretrained(str(out / "adapter"))
-        final.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        if sparsifier is not None:
-            from safetensors.torch import save_file
-
-            save_file(sparsifier.state_dict(), str(out / "masks.safetensors"))
-        write_json(out / "summary.json", summary)
+        save_run(out, final, lambda d: tokenizer.save_pretrained(str(d)),
+                 sparsifier.state_dict() if sparsifier is not None else None, summary,
+                 adapter=model if mode == "lora" else None)
     return summary

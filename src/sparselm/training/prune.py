@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from ..files import write_json
 from ..models.runs import load_run
 from ..sparsity import Magnitude, parse_n_m
+from .checkpoint import save_run
 from .config import PruneConfig
 from .loop import RunExistsError
 
@@ -24,10 +22,7 @@ def prune_run(cfg: PruneConfig) -> dict:
         raise ValueError(f"{cfg.from_run} is already sparse (it has masks.safetensors); prune a dense run")
     sparsifier = Magnitude(cfg.target, distribution=cfg.distribution, n_m=parse_n_m(cfg.n_m)).attach(model)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    save_file(sparsifier.state_dict(), str(out / "masks.safetensors"))
     summary = dict(source)
     summary.update(kind="pretrain", pruned_from=str(cfg.from_run), sparsity=sparsifier.report())
-    write_json(out / "summary.json", summary)
+    save_run(out, model, lambda d: tok.save_pretrained(str(d)), sparsifier.state_dict(), summary)
     return summary
