@@ -217,3 +217,32 @@ def test_seeds_give_mean_std_intervals_and_significance_sentences(tmp_path, shar
     assert "significant at 5%" in md and "not significant at 5%" in md
     html = (tmp_path / "grid" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "<li>" in html  # standalone: images embedded (no loss curves here)
+
+
+def test_method_variants_select_variable_spdf_and_sparse_wide_cells(tmp_path):
+    spec = load_spec("cpu-study")
+    pre, fine = plan(spec, tmp_path)
+    names = [c.name for c in pre if c.seed == 1337]
+    assert names == ["s00-dense-seed1337", "s50-static-seed1337", "s75-static-seed1337", "s75-gmp-seed1337",
+                     "s75-vspdf-seed1337", "s75-wide-seed1337"]
+    assert len(pre) == 18 and len(fine) == 30  # no sparse fine-tuning of dense or dense-tailed models
+    vspdf = spec.pretrain_config(0.75, "vspdf", 1337, "x")
+    assert vspdf.sparsity.method == "static" and vspdf.sparsity.dense_from(150) == 130
+    wide = spec.pretrain_config(0.75, "wide", 1337, "x")
+    assert wide.shape().n_embd == 256 and wide.sparsity.iso_flop == "wide"
+    text = dry_run(spec, tmp_path, device="cpu")
+    assert "s75-vspdf-seed1337" in text and "s75-wide-seed1337" in text
+
+
+@pytest.mark.parametrize("methods,match", [
+    ([{"method": "static"}], "a variant needs a name and a method"),
+    (["static", {"name": "static", "method": "gmp"}], "names must be unique"),
+    ([{"name": "x", "method": "static", "sparsities": [0.9]}], r"x's sparsities \[0.9\] are not all in"),
+    ([{"name": "x", "method": "static", "dense_tail": 1.5}], "sparsity.dense_tail: 1.5 is out of range"),
+    ([{"name": "x", "method": "static", "iso_flop": "tall"}], "sparsity.iso_flop: 'tall' is not one of none, wide"),
+])
+def test_method_variant_errors(tmp_path, methods, match):
+    path = tmp_path / "v.yaml"
+    path.write_text(yaml.safe_dump({"preset": "tiny", "sparsities": [0.0, 0.5], "methods": methods, "tasks": ["e2e"]}))
+    with pytest.raises(SpecError, match=match):
+        load_spec(str(path))

@@ -62,15 +62,15 @@ def plan(spec: ExperimentSpec, out: Path) -> tuple[list[PretrainCell], list[Fine
     pre, fine = [], []
     for seed in spec.seeds:
         for sparsity in spec.sparsities:
-            for method in (["static"] if sparsity == 0 else spec.methods):
+            for method in (["static"] if sparsity == 0 else spec.methods_at(sparsity)):
                 name = f"s{round(100 * sparsity):02d}-{'dense' if sparsity == 0 else method}-seed{seed}"
                 cell = PretrainCell(name, float(sparsity), method, seed, out / "pretrain" / name,
                                     _failure_file(out, "pretrain", name))
                 pre.append(cell)
                 for task in spec.tasks:
                     for mode in spec.modes:
-                        if sparsity == 0 and mode == "sparse":
-                            continue  # sparse fine-tuning of a dense model is dense fine-tuning
+                        if mode == "sparse" and not spec.ends_sparse(sparsity, method):
+                            continue  # sparse fine-tuning of a model without masks is dense fine-tuning
                         fname, fdir = f"{name}/{task}-{mode}", out / "finetune" / name / f"{task}-{mode}"
                         fine.append(FinetuneCell(fname, cell, task, mode, fdir, eval_path(fdir, task, spec.eval_split),
                                                  _failure_file(out, "finetune", fname)))

@@ -40,7 +40,7 @@ def planned_pretrain_flops(cfg) -> float:
     if sparsifier is None:
         return cfg.optim.max_steps * cfg.tokens_per_step * flops.train_flops_per_token(shape, 1.0)
     return cfg.tokens_per_step * sum(
-        flops.train_flops_per_token(shape, 1.0 - sparsifier.planned_sparsity(step),
+        flops.train_flops_per_token(shape, 1.0 - sparsifier.sparsity_at(step),
                                     dense_weight_grad=sparsifier.dense_gradient_step(step))
         for step in range(cfg.optim.max_steps))
 

@@ -36,7 +36,7 @@ class ExperimentSpec:
     tokens: float | None = None  # pre-training token budget; sets optim.max_steps (else pretrain.optim.max_steps / preset)
     pretrain: dict = field(default_factory=dict)  # any pre-training config keys, nested: {optim: {lr: ...}, run: {...}}
     sparsities: list = field(default_factory=lambda: [0.0, 0.5, 0.75])
-    methods: list = field(default_factory=lambda: ["static"])
+    methods: list = field(default_factory=lambda: ["static"])  # names, or {name, method, <sparsity keys>} variants
     method_options: dict = field(default_factory=dict)  # per method: {set: {drop_fraction: 0.3}}
     distribution: str = "uniform"
     tasks: list = field(default_factory=lambda: ["e2e", "webnlg", "dart"])
@@ -55,7 +55,8 @@ class ExperimentSpec:
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise SpecError(f"preset: unknown {self.preset!r}; choose one of {sorted(PRESETS)}")
-        for name, allowed, values in (("tasks", TASKS, self.tasks), ("modes", MODES, self.modes), ("methods", METHODS, self.methods)):
+        for name, allowed, values in (("tasks", TASKS, self.tasks), ("modes", MODES, self.modes),
+                                      ("methods", METHODS, [self.variant(m)["method"] for m in self.method_names])):
             if not values:
                 raise SpecError(f"{name}: must list at least one")
             bad = [v for v in values if v not in allowed]
@@ -73,21 +74,59 @@ class ExperimentSpec:
             raise SpecError(f"eval_limit: must be >= 1 or null (all), got {self.eval_limit}")
         if self.eval_split not in ("validation", "test"):
             raise SpecError(f"eval_split: must be 'validation' or 'test', got {self.eval_split!r}")
-        unknown = sorted(set(self.method_options) - set(self.methods))
+        unknown = sorted(set(self.method_options) - set(self.method_names) - {self.variant(m)["method"] for m in self.method_names})
         if unknown:
-            raise SpecError(f"method_options: {unknown} are not among the spec's methods {self.methods}")
+            raise SpecError(f"method_options: {unknown} are not among the spec's methods {self.method_names}")
         for section, grid_keys in (("pretrain", GRID_PRETRAIN_KEYS), ("finetune", GRID_FINETUNE_KEYS)):
             values = getattr(self, section)
             for sub, keys in grid_keys.items():
                 for key in keys:
                     if key in (values.get(sub) or {}):
                         raise SpecError(f"{section}.{sub}.{key}: set by the grid; use the spec's top-level fields instead")
-        for method in self.methods:  # every cell's config must be valid before anything runs
+        for m in self.methods:
+            if isinstance(m, dict) and not set(m.get("sparsities", [])) <= set(self.sparsities):
+                raise SpecError(f"methods: {m['name']}'s sparsities {m['sparsities']} are not all in the spec's {self.sparsities}")
+        for method in self.method_names:  # every cell's config must be valid before anything runs
             cfg = self.pretrain_config(self.sparsities[-1], method, self.seeds[0], "x")
         if self.tokens is not None and self.tokens < cfg.tokens_per_step:
             raise SpecError(f"tokens: a budget of {self.tokens:.3g} tokens is less than one step of "
                             f"{cfg.tokens_per_step} tokens (batch_size x grad_accum x block_size)")
         self.finetune_config("x", self.tasks[0], self.modes[0], self.seeds[0], "x")
+
+    @property
+    def method_names(self) -> list[str]:
+        """Cell labels: a method's name, or a variant's ``name`` (e.g. Variable SPDF, Sparse-Wide)."""
+        names = []
+        for m in self.methods:
+            if isinstance(m, dict):
+                if not isinstance(m.get("name"), str) or not isinstance(m.get("method"), str):
+                    raise SpecError(f"methods: a variant needs a name and a method, e.g. "
+                                    f"{{name: vspdf, method: static, dense_tail: 0.13}}; got {m!r}")
+                names.append(m["name"])
+            elif isinstance(m, str):
+                names.append(m)
+            else:
+                raise SpecError(f"methods: {m!r} is neither a method name nor a {{name, method, ...}} variant")
+        if len(set(names)) != len(names):
+            raise SpecError(f"methods: names must be unique, got {names}")
+        return names
+
+    def variant(self, name: str) -> dict:
+        """``{"method": ..., <sparsity keys>}`` of a cell label."""
+        for m in self.methods:
+            if isinstance(m, dict) and m.get("name") == name:
+                return {k: v for k, v in m.items() if k not in ("name", "sparsities")}
+        return {"method": name}
+
+    def ends_sparse(self, sparsity: float, method: str) -> bool:
+        """Whether a pre-training cell ends with masks (dense runs and Variable SPDF's dense tail do not),
+        i.e. whether sparse fine-tuning of it means anything."""
+        return sparsity > 0 and not self.variant(method).get("dense_tail")
+
+    def methods_at(self, sparsity: float) -> list[str]:
+        """The cell labels run at a sparsity: all, except variants limited by their own ``sparsities``."""
+        return [name for name, m in zip(self.method_names, self.methods)
+                if not (isinstance(m, dict) and "sparsities" in m) or sparsity in m["sparsities"]]
 
     @property
     def data_dir(self) -> str | None:
@@ -96,8 +135,9 @@ class ExperimentSpec:
     # ---- the grid ---------------------------------------------------------------------------
     def pretrain_config(self, sparsity: float, method: str, seed: int, out: str) -> PretrainConfig:
         cell = {"model": dict(self.model, preset=self.preset), "data": {"corpus": self.corpus},
-                "sparsity": {"target": float(sparsity), "method": method, "distribution": self.distribution,
-                             "options": dict(self.method_options.get(method) or {})},
+                "sparsity": {**self.variant(method), "target": float(sparsity), "distribution": self.distribution,
+                             "options": dict(self.method_options.get(method)
+                                             or self.method_options.get(self.variant(method)["method"]) or {})},
                 "run": {"seed": seed, "out": out}}
         data = config.merge(self.pretrain, cell)
         source = f"spec {self.name}"

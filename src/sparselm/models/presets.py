@@ -37,6 +37,14 @@ class ModelShape:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def widened(self, sparsity: float) -> "ModelShape":
+        """Sparse-IFT's Sparse-Wide (Thangarasa et al. 2024): widths x 1/sqrt(1 - s), rounded to a
+        multiple of the head count, so that the block linears at sparsity ``s`` cost the FLOPs of the
+        dense ones (GPT-3 Small 768/3072 -> 1536/6144 at 75%); attention and the LM head widen too."""
+        scale = (1.0 - sparsity) ** -0.5
+        width = lambda x: max(self.n_head, int(round(x * scale / self.n_head)) * self.n_head)  # noqa: E731
+        return replace(self, n_embd=width(self.n_embd), d_ff=width(self.n_inner) if self.d_ff is not None else None)
+
     def override(self, **changes) -> "ModelShape":
         known = {f.name for f in fields(self)}
         unknown = set(changes) - known

@@ -64,6 +64,7 @@ class Sparsifier:
         seed: int = 0,
         n_m: tuple[int, int] | None = None,
         schedule: Schedule | None = None,
+        dense_from: int | None = None,
         **options,
     ):
         if not 0.0 <= sparsity < 1.0:
@@ -84,6 +85,7 @@ class Sparsifier:
         self.seed = int(seed)
         self.n_m = tuple(n_m) if n_m is not None else None
         self.schedule = schedule
+        self.dense_from = dense_from  # Variable SPDF: from this step on, masks are dropped (a dense tail)
         self.options = config.from_dict(self.Options, options, source=f"{self.name} options", prefix=f"{self.name}.")
         self.targets: list[Target] = []
         self.masks: dict[str, torch.Tensor] = {}
@@ -140,6 +142,8 @@ class Sparsifier:
     def after_backward(self, step: int) -> None:
         """Zero the gradients of pruned weights (call after the last backward of a step). On an
         update step of a method that reads dense gradients, keep a copy for ``update_masks`` first."""
+        if self.released(step):
+            return
         if self.needs_dense_grads and self.is_update_step(step):
             self._dense_grads = {t.name: t.param.grad.detach().clone() if t.param.grad is not None
                                  else torch.zeros_like(t.param) for t in self.targets}
@@ -150,6 +154,8 @@ class Sparsifier:
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Move masks if this is an update step, then zero pruned weights."""
+        if self.released(step):
+            return
         if self.is_update_step(step):
             grads, self._dense_grads = self._dense_grads, None
             if self.needs_dense_grads and grads is None:
@@ -170,11 +176,19 @@ class Sparsifier:
 
     def dense_gradient_step(self, step: int) -> bool:
         """Whether this step computes the dense weight gradient (RigL), for FLOP accounting."""
-        return self.needs_dense_grads and self.is_update_step(step)
+        return self.needs_dense_grads and self.is_update_step(step) and not self.released(step)
 
     def planned_sparsity(self, step: int) -> float:
         """Global sparsity of the masks in use during ``step``, known without a model (dry-run FLOPs)."""
         return self.sparsity
+
+    def released(self, step: int) -> bool:
+        """Whether ``step`` is in the dense tail (Variable SPDF): no masking, every weight learns."""
+        return self.dense_from is not None and step >= self.dense_from
+
+    def sparsity_at(self, step: int) -> float:
+        """The planned sparsity during ``step``, dense tail included."""
+        return 0.0 if self.released(step) else self.planned_sparsity(step)
 
     # ---- invariant, state -----------------------------------------------------------------
     @torch.no_grad()
@@ -209,6 +223,7 @@ class Sparsifier:
             "masked_params": total,
             "nonzero_masked_params": sum(int(m.sum()) for m in self.masks.values()),
             "schedule": self.schedule.to_dict() if self.schedule is not None else None,
+            "dense_from_step": self.dense_from,
             "options": dataclasses.asdict(self.options),
             "layers": {k: 1.0 - d for k, d in self.densities().items()},
         }

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..files import MANIFEST, read_json
 from . import distributed
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from .config import RESUMABLE_CHANGES, RunConfig
@@ -151,18 +152,17 @@ def open_run_dir(out: Path, config: dict, resume: bool, log) -> tuple[Path | Non
         budget = lambda c: (_flat(c).get("optim.max_steps"), _flat(c).get("optim.epochs"))  # noqa: E731
         if checkpoint is None or budget(saved) == budget(config):
             log(f"{out} is already finished; nothing to do (raise optim.max_steps to train it further)")
-            return checkpoint, json.loads(finished.read_text())
+            return checkpoint, read_json(finished)
+        (out / MANIFEST).unlink(missing_ok=True)  # trained further: the finished run's files will change
     return checkpoint, None
 
 
 def check_resume_config(saved_path: Path, current: dict, log) -> dict:
     """A resumed run must continue the same trajectory: only RESUMABLE_CHANGES may differ."""
     try:
-        saved = json.loads(saved_path.read_text())
+        saved = read_json(saved_path, "cannot resume this run: restore it from a copy or start a new run")
     except FileNotFoundError:
         raise RunExistsError(f"{saved_path} is missing: cannot check that the resumed run has the same config") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{saved_path} is corrupt ({e.msg} at line {e.lineno}); cannot resume this run") from None
     diffs = [k for k in sorted(set(_flat(saved)) | set(_flat(current)))
              if k not in RESUMABLE_CHANGES and _flat(saved).get(k) != _flat(current).get(k)]
     if diffs:
@@ -191,8 +191,8 @@ def restore(trainer: Trainer, checkpoint: Path | None, resume: bool, state: dict
     metrics = trainer.out / "metrics.jsonl"
     if checkpoint is not None:
         masks, state = load_checkpoint(checkpoint, trainer.model, trainer.optimizer, map_location=trainer.device)
-        if trainer.sparsifier is not None:
-            trainer.sparsifier.load_state_dict(masks)
+        if trainer.sparsifier is not None and not trainer.sparsifier.released(state["step"]):
+            trainer.sparsifier.load_state_dict(masks)  # (in a dense tail the weights are no longer masked)
         truncate_metrics(metrics, state["step"])
         log(f"resumed from {checkpoint} at step {state['step']}")
     elif resume and metrics.exists():
