@@ -1,12 +1,13 @@
 """Corpus reading, tokenization cache, batches, and clear errors on bad input."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from sparselm.data import CorpusError, get_batch, prepare_corpus, read_documents
-from sparselm.data.corpus import token_dtype
+from sparselm.data import EOS_TOKEN, CorpusError, get_batch, prepare_corpus, read_documents, train_tokenizer
+from sparselm.data.corpus import is_validation, token_dtype
 from sparselm.data.loader import eval_batches
 
 
@@ -14,15 +15,29 @@ def test_prepare_corpus_tokenizes_and_caches(small_corpus, tmp_path):
     logs = []
     tc = prepare_corpus(small_corpus, 512, cache_dir=tmp_path, log=logs.append)
     assert tc.dtype == "uint16" and tc.train_tokens > 10 * tc.val_tokens > 0
-    train = tc.train()
+    train = tc.train()[:]
     assert train.max() < 512 and (train == tc.eos_id).sum() > 10  # documents end in EOS
     text = "The jury said Friday"
     assert tc.tokenizer().decode(tc.tokenizer().encode(text).ids) == text
     # a unigram model is far better than uniform but far from zero
     assert 3.0 < tc.unigram_entropy < np.log(512)
+    assert logs[-1].startswith("corpus: ") and f"-> {tc.dir}" in logs[-1]  # the summary
     logs.clear()
     again = prepare_corpus(small_corpus, 512, cache_dir=tmp_path, log=logs.append)
-    assert again.dir == tc.dir and logs == []  # second call reads the cache
+    assert again.dir == tc.dir and len(logs) == 1 and logs[0].startswith("corpus: ")  # second call reads the cache
+
+
+def test_default_path_gives_the_tokens_of_the_in_memory_pipeline(small_corpus, tmp_path):
+    """Streaming, sharding and workers change nothing for the trained-BPE default: the tokenizer and the
+    tokens are those of reading every document into a list, training on the train split, encoding it in one call."""
+    docs = [d.strip() for f in sorted(small_corpus.glob("*.txt")) for d in re.split(r"\n\s*\n", f.read_text()) if d.strip()]
+    train_docs = [d for d in docs if not is_validation(d, 0.02)]
+    tok = train_tokenizer(train_docs, 512)
+    eos = tok.token_to_id(EOS_TOKEN)
+    expected = np.concatenate([np.array(e.ids + [eos], dtype=np.uint16) for e in tok.encode_batch(train_docs)])
+    tc = prepare_corpus(small_corpus, 512, cache_dir=tmp_path, workers=2, shard_tokens=10_000, log=lambda *_: None)
+    assert tc.tokenizer().to_str() == tok.to_str() and len(tc.shards["train"]) > 10
+    assert np.array_equal(tc.train()[:], expected)
 
 
 def test_jsonl_corpus_and_split_is_stable(tmp_path):
@@ -32,18 +47,18 @@ def test_jsonl_corpus_and_split_is_stable(tmp_path):
     assert len(docs) == 300
     a = prepare_corpus(tmp_path, 300, cache_dir=tmp_path / "c1", log=lambda *_: None)
     b = prepare_corpus(tmp_path, 300, cache_dir=tmp_path / "c2", log=lambda *_: None)
-    assert np.array_equal(np.asarray(a.val()), np.asarray(b.val()))
+    assert np.array_equal(a.val()[:], b.val()[:])
 
 
 @pytest.mark.parametrize(
     "setup,match",
     [
         (lambda d: None, "does not exist"),
-        (lambda d: d.mkdir(), "no .txt or .jsonl files"),
+        (lambda d: d.mkdir(), "no corpus files under"),
         (lambda d: (d.mkdir(), (d / "a.txt").write_text("\n\n  \n")), "holds no text"),
         (lambda d: (d.mkdir(), (d / "a.txt").write_bytes(b"abc\x00\x01\x02")), r"a\.txt: looks like a binary file"),
         (lambda d: (d.mkdir(), (d / "a.txt").write_bytes(b"caf\xe9 latin-1")), r"a\.txt: not valid UTF-8"),
-        (lambda d: (d.mkdir(), (d / "a.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')), r"a\.jsonl:2: missing string field 'text'"),
+        (lambda d: (d.mkdir(), (d / "a.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')), r"a\.jsonl:2: no field 'text' \(the row has: body\)"),
         (lambda d: (d.mkdir(), (d / "a.jsonl").write_text("{oops\n")), r"a\.jsonl:1: invalid JSON"),
     ],
 )

@@ -80,6 +80,7 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
 
     _flag(p, C, "model.preset", "--preset", help="model shape: " + ", ".join(_presets()))
     _flag(p, C, "data.corpus", "--corpus", metavar="DIR")
+    _data_flags(p, C)
     _flag(p, C, "sparsity.target", "--sparsity", type=float)
     _flag(p, C, "sparsity.method", "--method", choices=sorted(METHODS),
           help="; ".join(f"{name}: {cls.help}" for name, cls in sorted(METHODS.items())))
@@ -90,6 +91,49 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     _flag(p, C, "optim.grad_accum", "--grad-accum", type=int)
     _flag(p, C, "optim.lr", "--lr", type=float)
     _common_run_flags(p, C, "runs/pretrain")
+
+
+def _data_flags(p: argparse.ArgumentParser, C: type) -> None:
+    """How a raw corpus is tokenized (``pretrain`` and ``data prepare``: the same keys, the same cache)."""
+    _flag(p, C, "data.tokenizer", "--tokenizer", metavar="bpe|gpt2|PATH")
+    _flag(p, C, "data.text_field", "--text-field", metavar="NAME")
+    _flag(p, C, "data.workers", "--workers", type=int, metavar="N")
+    p.add_argument("--skip-bad-rows", dest="data.skip_bad_rows", action="store_const", const=True, default=None,
+                   help="skip (and count) corpus rows without text instead of failing (config key data.skip_bad_rows)")
+
+
+def _data_prepare_args(p: argparse.ArgumentParser) -> None:
+    from ..training.config import PretrainConfig as C
+
+    _flag(p, C, "data.corpus", "--corpus", metavar="PATH")
+    _data_flags(p, C)
+    _flag(p, C, "model.preset", "--preset", help="model shape whose vocab_size a trained BPE gets: " + ", ".join(_presets()))
+    _flag(p, C, "model.vocab_size", "--vocab-size", type=int, metavar="V",
+          help="size of a trained BPE (default: the preset's)")
+    _flag(p, C, "data.val_fraction", "--val-fraction", type=float)
+    _flag(p, C, "data.cache_dir", "--cache-dir", metavar="DIR")
+    _flag(p, C, "data.shard_tokens", "--shard-tokens", type=int, metavar="N")
+    _flag(p, C, "data.dtype", "--dtype", choices=["auto", "uint16", "uint32"])
+    _flag(p, C, "data.eos_token", "--eos-token", metavar="TOKEN")
+    p.add_argument("--out", dest="prepare_out", metavar="DIR",
+                   help="write the shards here instead of the cache (then: sparselm pretrain --corpus DIR)")
+    _config_file_flags(p, "pre-training", "the same file as for pretrain gives the same tokens and cache")
+    p.add_argument("--no-progress", dest="run.progress", action="store_const", const=False, default=None, help="no progress bar")
+
+
+def cmd_data_prepare(args) -> int:
+    from ..data.paths import default_corpus
+    from ..data.prepare import prepare_corpus
+    from ..training import load_pretrain_config
+
+    flags = {k: v for k, v in _config_flags(args).items() if k not in ("data_command", "prepare_out")}
+    cfg = load_pretrain_config(args.config, args.overrides, flags)
+    data = cfg.data
+    corpus = prepare_corpus(data.corpus or str(default_corpus()), cfg.shape().vocab_size, data.val_fraction,
+                            data.cache_dir, log=print, out=args.prepare_out, progress=cfg.run.progress,
+                            **data.prepare_options())
+    print(f"sparselm pretrain --corpus {corpus.dir} trains on it as it is")
+    return 0
 
 
 def _presets() -> list[str]:
@@ -122,17 +166,23 @@ def cmd_flops(args) -> int:
     model = config.load(ModelConfig, overrides=[o.removeprefix("model.") for o in args.overrides],
                         flags={"preset": args.preset})
     shape = model.shape()
-    rows = flops.flops_table(shape, args.sparsity)
+    sparse_shape = shape.widened(args.sparsity) if args.iso_flop == "wide" else shape
+    rows = flops.flops_table(shape, 0.0)
+    sparse = flops.forward_flops_per_token(sparse_shape, 1.0 - args.sparsity)
     print(f"forward FLOPs per token, {args.preset} ({shape.family}, L={shape.n_layer} d={shape.n_embd} "
           f"T={shape.block_size} V={shape.vocab_size}), sparsity {args.sparsity} on the block linears")
-    print(f"{'component':<14}{'dense':>14}{'sparse':>14}")
-    for name, dense, sparse in rows:
-        print(f"{name:<14}{dense:>14.4e}{sparse:>14.4e}")
-    total_dense, total_sparse = rows[-1][1], rows[-1][2]
-    print(f"dense/sparse ratio: {total_dense / total_sparse:.3f}x")
+    if args.iso_flop == "wide":
+        print(f"Sparse-Wide: d={shape.n_embd} -> {sparse_shape.n_embd}, d_ff={shape.n_inner} -> {sparse_shape.n_inner} "
+              f"(x{(1 - args.sparsity) ** -0.5:.3f}, rounded to a multiple of {shape.n_head} heads)")
+    label = "sparse-wide" if args.iso_flop == "wide" else "sparse"
+    print(f"{'component':<14}{'dense':>14}{label:>14}")
+    for name, dense, _ in rows:
+        print(f"{name:<14}{dense:>14.4e}{sparse[name]:>14.4e}")
+    total_dense, total_sparse = rows[-1][1], sparse["total"]
+    print(f"dense/{label} ratio: {total_dense / total_sparse:.3f}x")
     if args.tokens:
         print(f"training FLOPs for {args.tokens:.3e} tokens: dense {3 * total_dense * args.tokens:.3e}, "
-              f"sparse {3 * total_sparse * args.tokens:.3e}")
+              f"{label} {3 * total_sparse * args.tokens:.3e}")
     return 0
 
 
@@ -240,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="gpt3-xl", help="model shape: " + ", ".join(_presets()) + " (default gpt3-xl)")
     p.add_argument("--sparsity", type=float, default=0.75, help="sparsity of the block linears (default 0.75)")
     p.add_argument("--tokens", type=float, help="also total training FLOPs for this many tokens")
+    p.add_argument("--iso-flop", choices=["none", "wide"], default="none",
+                   help="'wide': compare with the Sparse-Wide model (Sparse-IFT) at this sparsity (default none)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.FIELD=VALUE",
                    help="override a shape field, e.g. --set model.n_layer=2")
     p.set_defaults(func=cmd_flops)
@@ -293,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 
+    p = sub.add_parser("data", help="corpus preparation")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("prepare", help="tokenize a corpus into token shards (what pretrain does first; resumable)")
+    _data_prepare_args(d)
+    d.set_defaults(func=cmd_data_prepare)
+
     p = sub.add_parser("scaling", help="scaling-law analysis of finished runs")
     ssub = p.add_subparsers(dest="scaling_command", required=True)
     f = ssub.add_parser("fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta (N = average non-zero params)")
@@ -321,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sparselm {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError, FloatingPointError) as e:
+    except (ValueError, OSError, KeyError, RuntimeError, FloatingPointError) as e:  # OSError: full disk, missing files
         if os.environ.get("SPARSELM_DEBUG"):
             raise
         print(f"sparselm {args.command}: error: {e}", file=sys.stderr)

@@ -1,10 +1,7 @@
-"""Read a text corpus and tokenize it once into memory-mapped token files.
+"""A tokenized corpus: its folder of token shards, tokenizer and facts, as ``prepare`` wrote them.
 
-Input: a directory of ``.txt`` files (documents separated by blank lines) and/or ``.jsonl`` files
-(one JSON object per line with a ``text`` field), or one such file. Output (cached by content
-fingerprint): ``tokenizer.json``, ``train.bin``, ``val.bin`` (uint16, or uint32 for vocabularies
-over 65,536) and ``meta.json``. Documents go to validation by a hash of their text, so the split is
-stable whatever order files are read in.
+Documents go to validation by a hash of their text, so the split is stable whatever order files
+are read in and however many workers tokenize them.
 """
 
 from __future__ import annotations
@@ -12,67 +9,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .tokenizer import EOS_TOKEN, load_tokenizer, train_tokenizer
+from .shards import ShardedTokens, shard_name, token_dtype
+from .sources import CorpusError, corpus_files, read_documents
+from .tokenizer import load_tokenizer
 
-FORMAT_VERSION = 1
-_BLANK_LINES = re.compile(r"\n\s*\n")
+__all__ = ["CorpusError", "TokenizedCorpus", "corpus_files", "default_cache_dir", "describe", "is_validation", "pad_vocab",
+           "read_documents", "token_dtype", "unigram_entropy"]
 
-
-class CorpusError(ValueError):
-    """The corpus cannot be read; the message names the file and the fix."""
-
-
-def corpus_files(path: str | os.PathLike) -> list[Path]:
-    path = Path(path)
-    if not path.exists():
-        raise CorpusError(f"corpus path {path} does not exist; pass --corpus DIR (a folder of .txt/.jsonl files)")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-    if not files:
-        raise CorpusError(f"no .txt or .jsonl files under {path}; add text files or point --corpus elsewhere")
-    for f in files:
-        if f.suffix not in (".txt", ".jsonl"):
-            raise CorpusError(f"{f}: unsupported corpus file type {f.suffix!r}; use .txt or .jsonl")
-    return files
-
-
-def read_documents(path: str | os.PathLike) -> Iterator[str]:
-    """Every non-empty document of the corpus, file by file."""
-    n = 0
-    for f in corpus_files(path):
-        raw = f.read_bytes()
-        if b"\x00" in raw[:65536]:
-            raise CorpusError(f"{f}: looks like a binary file (NUL bytes); remove it from the corpus folder")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CorpusError(f"{f}: not valid UTF-8 at byte {e.start}; re-encode it as UTF-8 or remove it") from None
-        if f.suffix == ".jsonl":
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{f}:{lineno}: invalid JSON ({e.msg}); each line must be an object with a 'text' field") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise CorpusError(f"{f}:{lineno}: missing string field 'text'; each line must look like {{\"text\": \"...\"}}")
-                if row["text"].strip():
-                    n += 1
-                    yield row["text"].strip()
-        else:
-            for doc in _BLANK_LINES.split(text):
-                if doc.strip():
-                    n += 1
-                    yield doc.strip()
-    if n == 0:
-        raise CorpusError(f"corpus {path} holds no text; add documents to its .txt/.jsonl files")
+MANIFEST = "manifest.json"
+FORMAT = "sparselm-token-shards"
+VOCAB_MULTIPLE = 64  # model vocabularies are padded to a multiple of this (faster matmuls, as nanoGPT does)
 
 
 def is_validation(doc: str, val_fraction: float) -> bool:
@@ -80,102 +31,99 @@ def is_validation(doc: str, val_fraction: float) -> bool:
     return h % 10_000 < val_fraction * 10_000
 
 
-def fingerprint(path: str | os.PathLike, vocab_size: int, val_fraction: float) -> str:
-    h = hashlib.sha1(f"v{FORMAT_VERSION}:{vocab_size}:{val_fraction}".encode())
-    for f in corpus_files(path):
-        st = f.stat()
-        h.update(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SPARSELM_CACHE", Path.home() / ".cache" / "sparselm"))
 
 
+def pad_vocab(n: int) -> int:
+    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 @dataclass
 class TokenizedCorpus:
-    """Paths and facts of a tokenized corpus."""
+    """Paths and facts of a tokenized corpus (the fields of its ``manifest.json``)."""
 
     dir: Path
-    vocab_size: int
+    vocab_size: int  # the tokenizer's: ids are below it
     eos_id: int
+    eos_token: str
     dtype: str
     train_tokens: int
     val_tokens: int
     unigram_entropy: float  # nats/token of the validation split under train-split unigram frequencies
+    tokenizer_source: str  # "bpe" (trained on this corpus), "gpt2" or a path
+    tokenizer_sha256: str
+    shard_tokens: int
+    shards: dict = field(default_factory=dict)  # split -> tokens per shard
+    documents: dict = field(default_factory=dict)  # split -> documents
+    bad_rows: int = 0
+    fingerprint: str = ""
+    prepared: dict = field(default_factory=dict)  # the last preparation run: seconds, tokens, tokens_per_s, workers
 
-    def train(self) -> np.memmap:
-        return np.memmap(self.dir / "train.bin", dtype=self.dtype, mode="r")
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "TokenizedCorpus":
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise CorpusError(f"{folder / MANIFEST}: cannot read it ({e}); prepare the corpus again") from None
+        if meta.pop("format", None) != FORMAT:
+            raise CorpusError(f"{folder / MANIFEST} is not a sparselm token-shard manifest; prepare the corpus again")
+        meta.pop("version", None)
+        known = set(cls.__dataclass_fields__) - {"dir"}
+        return cls(dir=folder, **{k: v for k, v in meta.items() if k in known})
 
-    def val(self) -> np.memmap:
-        return np.memmap(self.dir / "val.bin", dtype=self.dtype, mode="r")
+    @property
+    def trained_tokenizer(self) -> bool:
+        return self.tokenizer_source == "bpe"
+
+    def split(self, name: str) -> ShardedTokens:
+        sizes = self.shards[name]
+        return ShardedTokens([self.dir / shard_name(name, i) for i in range(len(sizes))], sizes, self.dtype)
+
+    def train(self) -> ShardedTokens:
+        return self.split("train")
+
+    def val(self) -> ShardedTokens:
+        return self.split("val")
 
     def tokenizer(self):
         return load_tokenizer(self.dir / "tokenizer.json")
 
+    def check_windows(self, block_size: int) -> None:
+        """Each split must hold at least one training window of ``block_size + 1`` tokens."""
+        for split, n in (("train", self.train_tokens), ("val", self.val_tokens)):
+            if n <= block_size + 1:
+                more = " or a larger data.val_fraction" if split == "val" else ""
+                raise CorpusError(f"the {split} split of the corpus has {n} tokens, fewer than one window of "
+                                  f"{block_size + 1}; use more text{more}, or a smaller model.block_size")
 
-def token_dtype(vocab_size: int) -> str:
-    if vocab_size <= 2**16:
-        return "uint16"
-    if vocab_size <= 2**32:
-        return "uint32"
-    raise CorpusError(f"vocab_size={vocab_size} does not fit in uint32 token files; use a smaller vocabulary")
-
-
-def prepare_corpus(
-    path: str | os.PathLike,
-    vocab_size: int,
-    val_fraction: float = 0.02,
-    cache_dir: str | os.PathLike | None = None,
-    log=print,
-) -> TokenizedCorpus:
-    """Train a tokenizer and tokenize the corpus, or reuse the cached result for the same input."""
-    if not 0.0 < val_fraction < 0.5:
-        raise CorpusError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
-    dtype = token_dtype(vocab_size)
-    out = Path(cache_dir or default_cache_dir()) / "corpus" / fingerprint(path, vocab_size, val_fraction)
-    meta_path = out / "meta.json"
-    if meta_path.exists():
-        return TokenizedCorpus(dir=out, **json.loads(meta_path.read_text()))
-
-    docs = list(read_documents(path))
-    train_docs = [d for d in docs if not is_validation(d, val_fraction)]
-    val_docs = [d for d in docs if is_validation(d, val_fraction)]
-    if not val_docs or not train_docs:
-        raise CorpusError(f"corpus {path} has {len(docs)} documents, too few to split; add text (blank lines separate documents)")
-    log(f"training a {vocab_size}-token byte-level BPE tokenizer on {len(train_docs)} documents ...")
-    tok = train_tokenizer(train_docs, vocab_size)
-    if tok.get_vocab_size() > vocab_size:
-        raise CorpusError(f"tokenizer came out with {tok.get_vocab_size()} tokens, over vocab_size={vocab_size}")
-    eos = tok.token_to_id(EOS_TOKEN)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tmp-{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
-    tok.save(str(tmp / "tokenizer.json"))
-    counts = {}
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        log(f"tokenizing {len(split_docs)} {split} documents ...")
-        arr = np.concatenate([np.array(e.ids + [eos], dtype=dtype) for e in tok.encode_batch(split_docs)])
-        arr.tofile(tmp / f"{split}.bin")
-        counts[split] = arr
-    meta = {
-        "vocab_size": vocab_size,
-        "eos_id": eos,
-        "dtype": dtype,
-        "train_tokens": int(counts["train"].size),
-        "val_tokens": int(counts["val"].size),
-        "unigram_entropy": unigram_entropy(counts["train"], counts["val"], vocab_size),
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):  # meta last: it marks completion
-        os.replace(tmp / name, out / name)
-    tmp.rmdir()
-    return TokenizedCorpus(dir=out, **meta)
+    def model_vocab_size(self, requested: int | None = None) -> int:
+        """The model's vocabulary: ``requested`` (a trained BPE's target size, or ``model.vocab_size``
+        set by the user) or the tokenizer's, padded to a multiple of 64. Ids from ``vocab_size`` up
+        are padding: never in the data, and left out of the loss."""
+        if requested is not None and requested < self.vocab_size:
+            raise CorpusError(f"model.vocab_size={requested} is smaller than the tokenizer's {self.vocab_size} tokens; "
+                              "leave model.vocab_size unset to follow the tokenizer")
+        return pad_vocab(requested or self.vocab_size)
 
 
-def unigram_entropy(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
+def describe(corpus: TokenizedCorpus) -> str:
+    """One summary line: documents, tokens, speed of the preparation, shards, bytes on disk."""
+    docs, n_shards = corpus.documents, sum(len(v) for v in corpus.shards.values())
+    size = sum(p.stat().st_size for p in corpus.dir.iterdir() if p.is_file())
+    run = corpus.prepared
+    speed = f", {run['tokens_per_s']:,.0f} tokens/s with {run['workers']} worker(s)" if run.get("tokens") else ""
+    bad = f", {corpus.bad_rows} bad row(s) skipped" if corpus.bad_rows else ""
+    return (f"corpus: {sum(docs.values()):,} documents ({docs['train']:,} train, {docs['val']:,} val), "
+            f"{corpus.train_tokens + corpus.val_tokens:,} tokens ({corpus.train_tokens:,} train, {corpus.val_tokens:,} val), "
+            f"{corpus.dtype}, tokenizer {corpus.tokenizer_source} ({corpus.vocab_size:,} tokens){speed}, "
+            f"{n_shards} shard(s), {size / 1e6:,.1f} MB on disk{bad} -> {corpus.dir}")
+
+
+def unigram_entropy(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
     """Cross-entropy (nats/token) of the validation tokens under add-one-smoothed unigram
     frequencies of the training tokens: the loss of the best context-free model."""
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    counts = train_counts.astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
-    return float(-logp[val].mean())
+    return float(-(val_counts.astype(np.float64) @ logp) / val_counts.sum())

@@ -1,18 +1,21 @@
-"""Random (B, T) training windows from a token array, stateless in the step.
+"""Random (B, T) training windows from a token sequence, stateless in the step.
 
 The batch for step ``k`` depends only on (seed, k): resuming at step k reads exactly the data an
 uninterrupted run would have, with no loader state to checkpoint, and data-parallel ranks add
-their rank to the seed to read different windows.
+their rank to the seed to read different windows. ``tokens`` is anything with ``len`` and
+slices: a numpy array, or a split's shards (``ShardedTokens``), read as one sequence so a
+window may span two shards and the batches do not depend on where the shards were cut.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
-def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, device="cpu"):
+def get_batch(tokens, batch_size: int, block_size: int, seed: int, step: int, device="cpu"):
     """Inputs and next-token targets, each (batch_size, block_size) int64."""
+    import torch  # here, not at import: tokenizing workers import this package without torch
+
     if len(tokens) <= block_size + 1:
         raise ValueError(f"only {len(tokens)} tokens, fewer than one window of {block_size + 1}; use more text or a smaller block_size")
     rng = np.random.default_rng([seed, step])
@@ -24,8 +27,10 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, s
     return t[:, :-1], t[:, 1:]
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, n_batches: int):
+def eval_batches(tokens, batch_size: int, block_size: int, n_batches: int):
     """Fixed, evenly spaced validation windows: the same ones at every evaluation."""
+    import torch
+
     n_windows = max(1, min(n_batches * batch_size, (len(tokens) - 1) // block_size))
     starts = np.linspace(0, len(tokens) - block_size - 1, n_windows).astype(np.int64)
     for i in range(0, n_windows, batch_size):

@@ -8,12 +8,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .. import config
 from ..config import ConfigError, option
+from ..files import write_json
 from ..models.presets import PRESETS, ModelShape, get_preset
 from ..sparsity import METHODS, Schedule, Sparsifier, get_method, parse_n_m
 from ..sparsity.distributions import DISTRIBUTIONS
@@ -63,9 +63,26 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str | None = option(None, "folder of .txt/.jsonl files (default: $SPARSELM_DATA/corpus or ../shared/data/corpus)")
+    corpus: str | None = option(None, "corpus file or folder (.txt, .jsonl[.gz|.zst], .parquet, .arrow / a datasets "
+                                      "save_to_disk folder), or a prepared shard folder (default: $SPARSELM_DATA/corpus)")
     cache_dir: str | None = option(None, "tokenized-corpus cache (default $SPARSELM_CACHE or ~/.cache/sparselm)")
     val_fraction: float = option(0.02, "fraction of documents held out for validation", lo=0.0, hi=0.5, lo_open=True, hi_open=True)
+    tokenizer: str | None = option(None, "bpe (train a byte-level BPE of model.vocab_size on the corpus; the default), "
+                                         "gpt2 ($SPARSELM_DATA/tokenizers/gpt2), a tokenizer.json or an HF tokenizer folder")
+    text_field: str = option("text", "the field (JSONL) or column (parquet, arrow) holding each document's text")
+    workers: int | None = option(None, "tokenizing processes (default: all cores)", lo=1)
+    skip_bad_rows: bool = option(False, "skip (and count) rows without text instead of failing")
+    shard_tokens: int = option(100_000_000, "tokens per shard file", lo=1024)
+    dtype: str = option("auto", "token file dtype (auto: uint16 for vocabularies up to 65,536, else uint32)",
+                        choices=("auto", "uint16", "uint32"))
+    eos_token: str | None = option(None, "end-of-document token of a pretrained tokenizer (default: the one it declares, "
+                                         "else <|endoftext|>, </s>, <|end_of_text|> or <eos>)")
+    tokenizer_sample_mb: float = option(512.0, "a trained BPE learns from at most about this many MB of text", lo=0.0, lo_open=True)
+
+    def prepare_options(self) -> dict:
+        """The keyword arguments of ``sparselm.data.prepare_corpus`` these settings give."""
+        return {k: getattr(self, k) for k in ("tokenizer", "text_field", "workers", "skip_bad_rows", "shard_tokens",
+                                              "dtype", "eos_token", "tokenizer_sample_mb")}
 
 
 @dataclass
@@ -82,6 +99,10 @@ class SparsityConfig:
     start_step: int | None = option(None, "schedule start as a step (instead of start)", lo=0)
     end_step: int | None = option(None, "schedule end as a step (instead of end)", lo=1)
     options: dict = option(help="method-specific options (see the method's Options)", default_factory=dict)
+    dense_tail: float = option(0.0, "fraction of pre-training at the end run dense, masks dropped (Variable SPDF; "
+                                     "Cerebras used 0.13)", lo=0.0, hi=1.0, hi_open=True)
+    iso_flop: str = option("none", "'wide': Sparse-IFT Sparse-Wide, widths x 1/sqrt(1 - target) so the sparse block "
+                                   "linears cost what the dense ones did", choices=("none", "wide"))
 
     def __post_init__(self):
         cls = get_method(self.method)
@@ -108,12 +129,17 @@ class SparsityConfig:
         except ValueError as e:
             raise ConfigError(f"sparsity schedule: {e}") from None
 
+    def dense_from(self, total_steps: int) -> int | None:
+        """The first step of the dense tail, or None without one."""
+        return int(round((1.0 - self.dense_tail) * total_steps)) if self.dense_tail > 0 else None
+
     def build(self, total_steps: int, seed: int) -> Sparsifier | None:
         """The configured method, or None for a dense run."""
         if not self.enabled:
             return None
         kw = dict(sparsity=self.target, distribution=self.distribution, include=self.include, seed=seed,
-                  n_m=parse_n_m(self.n_m), schedule=self.schedule(total_steps), **self.options)
+                  n_m=parse_n_m(self.n_m), schedule=self.schedule(total_steps), dense_from=self.dense_from(total_steps),
+                  **self.options)
         if self.exclude is not None:
             kw["exclude"] = self.exclude
         return get_method(self.method)(**kw)
@@ -165,15 +191,19 @@ class PretrainConfig:
         if self.run.out is None:
             self.run.out = "runs/pretrain"
         try:
-            self.model.shape()
+            self.shape()
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
         if self.optim.warmup_steps >= self.optim.max_steps:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be below optim.max_steps={self.optim.max_steps}")
         self.sparsity.schedule(self.optim.max_steps)  # a schedule that cannot run is an error now, not later
+        if (self.sparsity.dense_tail > 0 or self.sparsity.iso_flop != "none") and not self.sparsity.enabled:
+            raise ConfigError("sparsity.dense_tail and sparsity.iso_flop need a sparse run (sparsity.target > 0)")
 
     def shape(self) -> ModelShape:
-        return self.model.shape()
+        """The model's shape; Sparse-Wide widens it so its sparse block linears cost the dense FLOPs."""
+        shape = self.model.shape()
+        return shape.widened(self.sparsity.target) if self.sparsity.iso_flop == "wide" else shape
 
     @property
     def tokens_per_step(self) -> int:
@@ -183,7 +213,7 @@ class PretrainConfig:
         return config.to_dict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_json(path, self.to_dict())
 
 
 FINETUNE_MODES = ("dense", "sparse", "lora")
@@ -244,7 +274,7 @@ class FinetuneConfig:
         return config.to_dict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_json(path, self.to_dict())
 
 
 def load_pretrain_config(yaml_path=None, overrides=(), flags: dict | None = None, base: dict | None = None) -> PretrainConfig:

@@ -4,8 +4,8 @@ a summary with the honest FLOP and parameter accounting of the whole run."""
 
 from __future__ import annotations
 
+import functools
 import math
-import shutil
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +14,9 @@ from .. import flops
 from ..data import eval_batches, get_batch, prepare_corpus
 from ..data.paths import default_corpus
 from ..data.tokenizer import save_hf_tokenizer
-from ..files import write_json
 from ..models import build_model
 from ..sparsity import global_sparsity
+from .checkpoint import save_run
 from .config import PretrainConfig
 from .loop import Phase, RunExistsError, StepCost, Trainer, autocast_for, new_state, start_run, restore, train
 from .lock import writes_run
@@ -30,21 +30,30 @@ def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def next_token_loss(model, batch) -> torch.Tensor:
+def real_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """The logits of the tokenizer's ``vocab_size`` tokens, as (N, V): the rows the model's
+    vocabulary was padded with (to a multiple of 64) are never predicted."""
+    if vocab_size is not None and vocab_size < logits.size(-1):
+        logits = logits[..., :vocab_size]
+    return logits.float().reshape(-1, logits.size(-1))
+
+
+def next_token_loss(model, batch, vocab_size: int | None = None) -> torch.Tensor:
     x, y = batch
     logits = model(input_ids=x).logits
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    return F.cross_entropy(real_logits(logits, vocab_size), y.reshape(-1))
 
 
 @torch.no_grad()
-def evaluate_loss(model, tokens, batch_size: int, block_size: int, n_batches: int, device, autocast) -> float:
+def evaluate_loss(model, tokens, batch_size: int, block_size: int, n_batches: int, device, autocast,
+                  vocab_size: int | None = None) -> float:
     model.eval()
     total, count = 0.0, 0
     for x, y in eval_batches(tokens, batch_size, block_size, n_batches):
         x, y = x.to(device), y.to(device)
         with autocast:
             logits = model(input_ids=x).logits
-        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        total += F.cross_entropy(real_logits(logits, vocab_size), y.reshape(-1), reduction="sum").item()
         count += y.numel()
     model.train()
     return total / count
@@ -60,7 +69,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
 
     shape = cfg.shape()
     corpus = prepare_corpus(cfg.data.corpus or str(default_corpus()), shape.vocab_size, cfg.data.val_fraction,
-                            cfg.data.cache_dir, log=log)
+                            cfg.data.cache_dir, log=log, progress=cfg.run.progress and dist.is_main,
+                            **cfg.data.prepare_options())
+    shape = shape.override(vocab_size=corpus.model_vocab_size(cfg.model.vocab_size))  # follows the tokenizer
+    corpus.check_windows(shape.block_size)
+    if shape.vocab_size != corpus.vocab_size:
+        log(f"tokenizer: {corpus.vocab_size} tokens; model vocab_size {shape.vocab_size} (padded to a multiple of 64)")
     train_tokens, val_tokens = corpus.train(), corpus.val()
 
     torch.manual_seed(cfg.run.seed)
@@ -74,14 +88,14 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "train_config.json")
-        shutil.copy(corpus.dir / "tokenizer.json", out / "tokenizer.json")
+        save_hf_tokenizer(corpus.dir / "tokenizer.json", out, shape.block_size, eos_token=corpus.eos_token)
 
     n_params = param_count(model)
     dense_fpt = flops.train_flops_per_token(shape, 1.0)
     masks_cost: dict = {}
 
     def cost(step: int) -> StepCost:
-        if sparsifier is None:
+        if sparsifier is None or sparsifier.released(step):  # dense run, or Variable SPDF's dense tail
             return StepCost(dense_fpt, dense_fpt, float(n_params))
         if masks_cost.get("masks") is not sparsifier.masks:  # recomputed only when masks move
             pruned = sum(m.numel() - int(m.sum()) for m in sparsifier.masks.values())
@@ -97,18 +111,20 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
         total_steps=cfg.optim.max_steps,
         batch=lambda step, micro: get_batch(train_tokens, cfg.optim.batch_size, shape.block_size, rank_seed,
                                             step * cfg.optim.grad_accum + micro, device),
-        loss=next_token_loss,
+        loss=functools.partial(next_token_loss, vocab_size=corpus.vocab_size),
         lr=lambda step: cosine_lr(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio),
         evaluate=lambda m: evaluate_loss(m, val_tokens, cfg.optim.batch_size, shape.block_size, cfg.run.eval_batches,
-                                         device, autocast),
+                                         device, autocast, corpus.vocab_size),
         cost=cost,
         grad_accum=cfg.optim.grad_accum,
         grad_clip=cfg.optim.grad_clip,
-        log_fields=lambda step: {"sparsity": round(global_sparsity(sparsifier.masks), 5)} if sparsifier is not None else {},
+        log_fields=lambda step: {"sparsity": 0.0 if sparsifier.released(step - 1) else round(global_sparsity(sparsifier.masks), 5)}
+        if sparsifier is not None else {},
     )
     val_loss = train(phase, trainer, state, log)
 
-    if sparsifier is not None:
+    ended_dense = sparsifier is not None and sparsifier.released(cfg.optim.max_steps - 1)  # Variable SPDF
+    if sparsifier is not None and not ended_dense:
         sparsifier.check()
     summary = {
         "kind": "pretrain",
@@ -126,16 +142,23 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
         "flops_reduction": state["dense_train_flops"] / state["train_flops"] if state["train_flops"] else 1.0,
         "final_param_count": int(cost(state["step"]).nonzero_params),
         "average_param_count": state["param_steps"] / max(1, state["step"]),
-        "sparsity": sparsifier.report() if sparsifier is not None else {"method": "dense", "target": 0.0, "measured": 0.0, "layers": {}},
+        "sparsity": _sparsity_report(sparsifier, ended_dense),
         "wall_time_s": state["wall_time_s"],
         "device": str(device),
         "world_size": dist.world_size,
     }
     if dist.is_main:
-        model.save_pretrained(out)
-        save_hf_tokenizer(out / "tokenizer.json", out, shape.block_size)
-        if sparsifier is not None:
-            from safetensors.torch import save_file
-            save_file(sparsifier.state_dict(), str(out / "masks.safetensors"))
-        write_json(out / "summary.json", summary)
+        save_run(out, model, lambda d: save_hf_tokenizer(out / "tokenizer.json", d, shape.block_size),
+                 sparsifier.state_dict() if sparsifier is not None and not ended_dense else None, summary)
     return summary
+
+
+def _sparsity_report(sparsifier, ended_dense: bool) -> dict:
+    """The masks' report; after a dense tail (Variable SPDF) the model itself is dense."""
+    if sparsifier is None:
+        return {"method": "dense", "target": 0.0, "measured": 0.0, "layers": {}}
+    report = sparsifier.report()
+    if ended_dense:
+        report.update(measured=0.0, measured_before_dense_tail=report["measured"],
+                      layers={k: 0.0 for k in report["layers"]})
+    return report
