@@ -4,7 +4,6 @@ from such files, and results read the grid without the runner."""
 import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -12,6 +11,7 @@ from sparselm.data.paths import data_root
 from sparselm.evaluation.evaluate import eval_path, evaluate
 from sparselm.evaluation.generate import DecodingConfig
 from sparselm.experiments.grid import plan
+from sparselm.experiments.spec import ExperimentSpec
 from sparselm.experiments.results import collect
 
 
@@ -57,11 +57,11 @@ def test_evaluate_writes_only_its_eval_files(tiny_run, jsonl_task):
 
 
 def grid_spec(**kw):
-    """The fields of an ExperimentSpec that the grid layout reads."""
-    fields = dict(seeds=[1], sparsities=[0.0, 0.5], methods=["static"], tasks=["e2e"], modes=["dense", "sparse"],
-                  eval_split="test", to_dict=lambda: {"name": "grid"})
+    """A small grid: dense and 50% static, E2E, dense and sparse fine-tuning."""
+    fields = dict(name="grid", seeds=[1], sparsities=[0.0, 0.5], methods=["static"], tasks=["e2e"],
+                  modes=["dense", "sparse"], eval_split="test")
     fields.update(kw)
-    return SimpleNamespace(**fields)
+    return ExperimentSpec(**fields)
 
 
 def test_plan_paths_and_cell_status_from_files(tmp_path):
