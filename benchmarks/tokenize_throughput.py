@@ -13,10 +13,11 @@ in a temporary folder that is deleted afterwards) it measures, one after the oth
   sampled every 0.2 s; shared pages counted once per process, so an upper bound).
 
 Token counts include the EOS appended to each document, in both. The ceiling of a generated size is
-measured once and shared by its formats (their documents are the same). On a machine shared with
-other work the wall-clock rates move with the load, so the table also gives tokens per CPU-second
+measured before and after its formats' runs (their documents are the same) and the mean is used, so
+that a slow drift in the machine's load hits both sides alike. On a machine shared with other work
+the wall-clock rates still move with the load, so the table also gives tokens per CPU-second
 (ceiling: the encode calls, all threads; prepare: the whole command, workers and start-up included)
-and the 1-minute load average when each run ended.
+and the highest 1-minute load average seen during each prepare run.
 
     python benchmarks/tokenize_throughput.py --sizes-mb 250 1000
 """
@@ -87,7 +88,7 @@ def measure_prepare(corpus: Path, out: Path, tokenizer: str, workers: int) -> di
            "--workers", str(workers), "--out", str(out), "--no-progress"]
     t0, cpu0 = time.perf_counter(), _children_cpu()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = [0]
+    peak, load = [0], [os.getloadavg()[0]]
 
     def sample():
         root = psutil.Process(proc.pid)
@@ -96,7 +97,7 @@ def measure_prepare(corpus: Path, out: Path, tokenizer: str, workers: int) -> di
                 rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
             except psutil.Error:
                 continue
-            peak[0] = max(peak[0], rss)
+            peak[0], load[0] = max(peak[0], rss), max(load[0], os.getloadavg()[0])
             time.sleep(0.2)
 
     watcher = threading.Thread(target=sample, daemon=True)
@@ -109,7 +110,7 @@ def measure_prepare(corpus: Path, out: Path, tokenizer: str, workers: int) -> di
     manifest = json.loads((out / "manifest.json").read_text())
     return {"tokens": manifest["train_tokens"] + manifest["val_tokens"], "documents": sum(manifest["documents"].values()),
             "tokens_per_s": manifest["prepared"]["tokens_per_s"], "wall_s": wall, "peak_rss": peak[0],
-            "tokens_per_cpu_s": (manifest["train_tokens"] + manifest["val_tokens"]) / cpu, "load": os.getloadavg()[0]}
+            "tokens_per_cpu_s": (manifest["train_tokens"] + manifest["val_tokens"]) / cpu, "load": load[0]}
 
 
 def _children_cpu() -> float:
@@ -206,30 +207,41 @@ def main() -> None:
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="sparselm-bench-", dir=args.workdir))
     rows = []
-    try:
-        def run(name, fmt, corpus, text_mb, ceil):
-            res = measure_prepare(corpus, work / "out" / f"{name}-{fmt}", args.tokenizer, args.workers)
-            if res["tokens"] != ceil["tokens"]:
-                raise RuntimeError(f"{name} {fmt}: prepare wrote {res['tokens']} tokens, the ceiling counted {ceil['tokens']}")
-            rows.append((name, fmt, text_mb, disk_mb(corpus), res["documents"], res["tokens"], ceil, res))
-            print(f"  {name} {fmt}: {res['tokens_per_s']:,.0f} tok/s vs ceiling {ceil['tokens_per_s']:,.0f} "
-                  f"({res['tokens_per_s'] / ceil['tokens_per_s']:.2f}x; per CPU-s {res['tokens_per_cpu_s']:,.0f} vs "
-                  f"{ceil['tokens_per_cpu_s']:,.0f}), peak RSS {res['peak_rss'] / 1e6:,.0f} MB, {res['wall_s']:.0f} s, "
-                  f"load {res['load']:.1f}", flush=True)
-            shutil.rmtree(work / "out" / f"{name}-{fmt}")
 
-        shipped = default_corpus()
+    def record(name, fmt, corpus, text_mb, ceil, res):
+        if res["tokens"] != ceil["tokens"]:
+            raise RuntimeError(f"{name} {fmt}: prepare wrote {res['tokens']} tokens, the ceiling counted {ceil['tokens']}")
+        rows.append((name, fmt, text_mb, disk_mb(corpus), res["documents"], res["tokens"], ceil, res))
+        print(f"  {name} {fmt}: {res['tokens_per_s']:,.0f} tok/s vs ceiling {ceil['tokens_per_s']:,.0f} "
+              f"({res['tokens_per_s'] / ceil['tokens_per_s']:.2f}x; per CPU-s {res['tokens_per_cpu_s']:,.0f} vs "
+              f"{ceil['tokens_per_cpu_s']:,.0f}), peak RSS {res['peak_rss'] / 1e6:,.0f} MB, {res['wall_s']:.0f} s, "
+              f"load {res['load']:.1f}", flush=True)
+
+    def prepare(corpus, fmt):
+        res = measure_prepare(corpus, work / "out" / fmt, args.tokenizer, args.workers)
+        shutil.rmtree(work / "out" / fmt)
+        return res
+
+    try:
+        def bracketed(name, corpora, formats, text_mb):
+            """Ceiling, each format's prepare, ceiling again; the prepares are compared with the mean ceiling."""
+            before = measure_ceiling(corpora[formats[0]], args.tokenizer)
+            results = [(fmt, prepare(corpora[fmt], fmt)) for fmt in formats]
+            after = measure_ceiling(corpora[formats[0]], args.tokenizer)
+            print(f"  ceiling {before['tokens_per_s']:,.0f} tok/s before, {after['tokens_per_s']:,.0f} after", flush=True)
+            ceil = {k: (before[k] + after[k]) / 2 for k in ("tokens_per_s", "tokens_per_cpu_s")} | {"tokens": before["tokens"]}
+            for fmt, res in results:
+                record(name, fmt, corpora[fmt], text_mb or disk_mb(corpora[fmt]), ceil, res)
+
         print("shipped corpus ...", flush=True)
-        run("shipped", "txt", shipped, disk_mb(shipped), measure_ceiling(shipped, args.tokenizer))
+        bracketed("shipped", {"txt": default_corpus()}, ["txt"], None)
         memory_formats = args.memory_formats if args.memory_formats is not None else args.formats
         for size in sorted(args.sizes_mb):
             name = f"{size:g} MB"
             print(f"{name}: generating ...", flush=True)
             corpora = generate(work / name.replace(" ", ""), size)
             formats = args.formats if size == max(args.sizes_mb) else [f for f in args.formats if f in memory_formats]
-            ceil = measure_ceiling(corpora[formats[0]], args.tokenizer)
-            for fmt in formats:
-                run(name, fmt, corpora[fmt], size, ceil)
+            bracketed(name, corpora, formats, size)
             shutil.rmtree(work / name.replace(" ", ""))
     finally:
         shutil.rmtree(work, ignore_errors=True)
