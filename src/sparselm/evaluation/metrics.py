@@ -10,11 +10,17 @@ BLEU, METEOR, ROUGE-L and TER are reported in 0-100 (the papers' tables); NIST a
 
 Each metric is a ``Metric`` in ``METRICS`` (``register_metric`` adds one); a task lists the metrics
 it is scored with, and ``score`` computes them.
+
+Only the mteval port needs nothing beyond the core install. sacrebleu and pycocoevalcap come with
+the ``eval`` extra (``pip install 'sparselm[eval]'``), and METEOR and the PTB tokenizer are Java
+programs. A scorer that cannot run here raises ``MetricUnavailable``; ``score`` then leaves its
+metrics out, reports why (``skipped``) and logs it once, so the metrics that can be computed still are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import re
@@ -24,8 +30,17 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .._optional import MissingExtra, require
 from ..data.tasks import Task, get_task
 from ..registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class MetricUnavailable(RuntimeError):
+    """A scorer that cannot run on this machine (a missing extra, no Java); the message is the reason,
+    e.g. "needs Java (java not on PATH): ..." or "needs sacrebleu: pip install 'sparselm[eval]'"."""
+
 
 # ---- mteval-v13a port ------------------------------------------------------------------------
 _PUNCT = re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])")
@@ -170,16 +185,34 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+_NO_JAVA = ("needs Java (java not on PATH): METEOR 1.5 and the PTB tokenizer that ROUGE-L and CIDEr are "
+            "scored after are Java programs; install a JRE, e.g. apt-get install default-jre-headless")
+
+
+def _coco_modules():
+    """pycocoevalcap's scorers and tokenizer, or ``MetricUnavailable`` saying what is missing
+    (pycocoevalcap, Java or both)."""
+    reasons, modules = [], None
+    try:
+        modules = [require(f"pycocoevalcap.{m}", "eval", "METEOR, ROUGE-L and CIDEr")
+                   for m in ("cider.cider", "meteor.meteor", "rouge.rouge", "tokenizer.ptbtokenizer")]
+    except MissingExtra as e:
+        reasons.append(e.reason)
+    if not java_available():
+        reasons.append(_NO_JAVA)
+    if reasons:
+        raise MetricUnavailable("; ".join(reasons))
+    cider, meteor, rouge, ptb = modules
+    return cider.Cider, meteor.Meteor, rouge.Rouge, ptb.PTBTokenizer
+
+
 def coco_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]], tokenize: bool = True) -> dict[str, float]:
     """METEOR (0-100), ROUGE-L (0-100) and CIDEr as the E2E scorer's COCO evaluator computes them,
-    all three from one PTB tokenisation (ROUGE-L and CIDEr add under a second to METEOR). Needs Java (METEOR and the PTB tokenizer are Java programs shipped in pycocoevalcap)."""
+    all three from one PTB tokenisation (ROUGE-L and CIDEr add under a second to METEOR). Needs
+    pycocoevalcap (the ``eval`` extra) and Java (METEOR and the PTB tokenizer are Java programs
+    shipped in pycocoevalcap): without either, ``MetricUnavailable``."""
     _check_lengths(hyps, refs)
-    if not java_available():
-        raise RuntimeError("METEOR and the PTB tokenizer need Java: install a JRE (e.g. apt-get install default-jre-headless)")
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    Cider, Meteor, Rouge, PTBTokenizer = _coco_modules()
 
     gts = {i: [{"caption": r} for r in rs] for i, rs in enumerate(refs)}
     res = {i: [{"caption": h}] for i, h in enumerate(hyps)}
@@ -232,9 +265,14 @@ def _ref_streams(refs: Sequence[Sequence[str]]) -> list[list[str | None]]:
 
 
 def sacrebleu_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
-    """BLEU and TER (both 0-100) with sacrebleu's defaults (13a tokenisation, cased)."""
+    """BLEU and TER (both 0-100) with sacrebleu's defaults (13a tokenisation, cased). Needs sacrebleu
+    (the ``eval`` extra): without it, ``MetricUnavailable``."""
     _check_lengths(hyps, refs)
-    from sacrebleu.metrics import BLEU, TER
+    try:
+        sacrebleu_metrics = require("sacrebleu.metrics", "eval", "BLEU and TER by sacrebleu")
+    except MissingExtra as e:
+        raise MetricUnavailable(e.reason) from e
+    BLEU, TER = sacrebleu_metrics.BLEU, sacrebleu_metrics.TER
 
     streams = _ref_streams(refs)
     return {"bleu": float(BLEU().corpus_score(list(hyps), streams).score),
@@ -286,18 +324,40 @@ register_metric(Metric("ter", "TER", False, _SACREBLEU))
 register_metric(Metric("val_ppl", "val PPL", False))
 
 
-def score(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
+def score(task: str, hyps: Sequence[str], refs: Sequence[Sequence[str]],
+          skipped: dict[str, str] | None = None) -> dict[str, float]:
     """The task's metrics in its order, each from the task's official implementation; an
-    implementation giving several metrics runs once."""
+    implementation giving several metrics runs once.
+
+    A metric whose implementation cannot run here (``MetricUnavailable``: a missing extra, no Java)
+    is left out of the result: its reason goes into ``skipped`` (metric name -> reason) when given,
+    and is logged once per process."""
     declared = get_task(task)
-    computed: dict[Scorer, dict[str, float]] = {}
+    computed: dict[Scorer, dict[str, float] | MetricUnavailable] = {}
     out: dict[str, float] = {}
+    missing: dict[str, str] = {}
     for name in declared.metrics:
         scorer = _scorer_for(declared, get_metric(name))
         if scorer not in computed:
-            computed[scorer] = scorer(hyps, refs)
-        out[name] = computed[scorer][name]
+            try:
+                computed[scorer] = scorer(hyps, refs)
+            except MetricUnavailable as e:
+                computed[scorer] = e
+        if isinstance(computed[scorer], MetricUnavailable):
+            missing[name] = str(computed[scorer])
+        else:
+            out[name] = computed[scorer][name]
+    for reason in dict.fromkeys(missing.values()):
+        names = ", ".join(get_metric(n).display for n, r in missing.items() if r == reason)
+        if (names, reason) not in _LOGGED:
+            _LOGGED.add((names, reason))
+            log.warning("%s skipped: %s", names, reason)
+    if skipped is not None:
+        skipped.update(missing)
     return out
+
+
+_LOGGED: set[tuple[str, str]] = set()  # (metrics, reason) already logged by ``score``
 
 
 def _scorer_for(task: Task, metric: Metric) -> Scorer:

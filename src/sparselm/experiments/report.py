@@ -6,10 +6,14 @@ from __future__ import annotations
 import html
 import json
 import base64
+import logging
 from pathlib import Path
 
+from .._optional import MissingExtra, require
 from ..evaluation.metrics import METRICS
 from .stats import aggregate
+
+log = logging.getLogger(__name__)
 
 
 def _fmt(x, digits=2) -> str:
@@ -53,8 +57,12 @@ def _label(sparsity: float, method: str) -> str:
 
 # ---- plots ----------------------------------------------------------------------------------
 def _plots(results: dict, out: Path) -> list[tuple[str, str]]:
-    import matplotlib
-
+    """The PNG plots, or none (one logged line) without matplotlib, the ``report`` extra."""
+    try:
+        matplotlib = require("matplotlib", "report", "the report's plots")
+    except MissingExtra as e:
+        log.warning("report plots skipped: %s", e.reason)
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
