@@ -100,3 +100,20 @@ def sparse_run(tmp_path_factory, small_corpus, cache_dir):
     )
     pretrain(cfg, progress=False, log=lambda *_: None)
     return out
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A 1-layer GPT-2 with the GPT-2 tokenizer, saved as a (fine-tuning) run sparselm made."""
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    run = tmp_path / "run"
+    tok = GPT2TokenizerFast(tokenizer_file=str(data_root() / "tokenizers" / "gpt2" / "tokenizer.json"))
+    tok.save_pretrained(run)
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=256, vocab_size=len(tok),
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(run)
+    (run / "summary.json").write_text(json.dumps({"kind": "finetune", "task": "e2e", "final_val_loss": 3.0}))
+    return run

@@ -7,27 +7,11 @@ import sys
 
 import pytest
 
-from sparselm.data.paths import data_root
 from sparselm.evaluation.evaluate import eval_path, evaluate
 from sparselm.evaluation.generate import DecodingConfig
 from sparselm.experiments.grid import plan
 from sparselm.experiments.spec import ExperimentSpec
 from sparselm.experiments.results import collect
-
-
-@pytest.fixture
-def tiny_run(tmp_path):
-    """A 1-layer GPT-2 with the GPT-2 tokenizer, saved as a fine-tuning run."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
-
-    run = tmp_path / "run"
-    tok = GPT2TokenizerFast(tokenizer_file=str(data_root() / "tokenizers" / "gpt2" / "tokenizer.json"))
-    tok.save_pretrained(run)
-    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tok),
-                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(run)
-    (run / "summary.json").write_text(json.dumps({"kind": "finetune", "task": "jsonl", "final_val_loss": 3.0}))
-    return run
 
 
 @pytest.fixture
@@ -40,13 +24,14 @@ def jsonl_task(tmp_path):
     return folder
 
 
-def test_evaluate_writes_only_its_eval_files(tiny_run, jsonl_task):
+def test_evaluate_writes_only_its_eval_files_and_the_card(tiny_run, jsonl_task):
     summary = tiny_run / "summary.json"
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tiny_run.iterdir()}
     dec = DecodingConfig(num_beams=1, max_new_tokens=4, batch_size=2)
     result = evaluate(tiny_run, "jsonl", "test", limit=2, decoding=dec, data_dir=jsonl_task, progress=False, val_limit=4)
-    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tiny_run.iterdir() if p.name != "eval"}
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tiny_run.iterdir() if p.name not in ("eval", "README.md")}
     assert after == before  # summary.json included: same bytes, same mtime
+    assert "## Evaluation" in (tiny_run / "README.md").read_text()  # the model card shows the metrics
     assert "metrics" not in json.loads(summary.read_text())
     path = eval_path(tiny_run, "jsonl", "test")
     assert path == tiny_run / "eval" / "jsonl-test.json"

@@ -45,6 +45,10 @@ def _common_run_flags(p: argparse.ArgumentParser, cls: type, default_out: str) -
     _flag(p, cls, "run.dtype", "--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--compile", dest="run.compile", action="store_const", const=True, default=None,
                    help="torch.compile the model for training (CPU: inductor with the system C compiler; config key run.compile)")
+    _flag(p, cls, "run.report_to", "--report-to", metavar="jsonl,tensorboard,wandb")
+    p.add_argument("--keep-checkpoint", dest="run.keep_checkpoint", action="store_const", const=True, default=None,
+                   help="keep checkpoint/ after the run finishes (default: removed then; always kept on failure or "
+                        "interrupt; config key run.keep_checkpoint)")
     _config_file_flags(p, "training", "e.g. --set optim.warmup_steps=20 --set model.n_layer=2 --set sparsity.options.drop_fraction=0.2")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (a finished run: nothing to do)")
     p.add_argument("--no-progress", dest="run.progress", action="store_const", const=False, default=None, help="no progress bar")
@@ -79,6 +83,7 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     from ..training.config import PretrainConfig as C
 
     _flag(p, C, "model.preset", "--preset", help="model shape: " + ", ".join(_presets()))
+    _flag(p, C, "model.init_from", "--init-from", metavar="DIR")
     _flag(p, C, "data.corpus", "--corpus", metavar="DIR")
     _data_flags(p, C)
     _flag(p, C, "sparsity.target", "--sparsity", type=float)
@@ -147,8 +152,8 @@ def cmd_pretrain(args) -> int:
 
     cfg = load_pretrain_config(args.config, args.overrides, _config_flags(args))
     _warn_device(cfg.run)
-    shape = cfg.shape()
-    print(f"pretrain {cfg.model.preset} ({shape.family}, {shape.n_layer}L d={shape.n_embd} T={shape.block_size} "
+    shape = cfg.planned_shape()
+    print(f"pretrain {cfg.model.init_from or cfg.model.preset} ({shape.family}, {shape.n_layer}L d={shape.n_embd} T={shape.block_size} "
           f"V={shape.vocab_size}) sparsity={cfg.sparsity.target} method={cfg.sparsity.method} steps={cfg.optim.max_steps} "
           f"tokens/step={cfg.tokens_per_step} -> {cfg.run.out}")
     summary = pretrain(cfg, resume=args.resume)
@@ -164,12 +169,13 @@ def cmd_flops(args) -> int:
     from ..training.config import ModelConfig
 
     model = config.load(ModelConfig, overrides=[o.removeprefix("model.") for o in args.overrides],
-                        flags={"preset": args.preset})
+                        flags={"preset": args.preset, "init_from": args.from_dir})
     shape = model.shape()
+    name = args.from_dir or args.preset
     sparse_shape = shape.widened(args.sparsity) if args.iso_flop == "wide" else shape
     rows = flops.flops_table(shape, 0.0)
     sparse = flops.forward_flops_per_token(sparse_shape, 1.0 - args.sparsity)
-    print(f"forward FLOPs per token, {args.preset} ({shape.family}, L={shape.n_layer} d={shape.n_embd} "
+    print(f"forward FLOPs per token, {name} ({shape.family}, L={shape.n_layer} d={shape.n_embd} "
           f"T={shape.block_size} V={shape.vocab_size}), sparsity {args.sparsity} on the block linears")
     if args.iso_flop == "wide":
         print(f"Sparse-Wide: d={shape.n_embd} -> {sparse_shape.n_embd}, d_ff={shape.n_inner} -> {sparse_shape.n_inner} "
@@ -220,15 +226,15 @@ def cmd_finetune(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .. import config
-    from ..evaluation.evaluate import EvaluateConfig, evaluate, format_table
+    from ..evaluation.evaluate import EvaluateConfig, eval_path, evaluate, format_table
     from ..training.distributed import pick_device
 
     cfg = config.load(EvaluateConfig, args.config, args.overrides, _config_flags(args))
     result = evaluate(cfg.model, cfg.task, cfg.split, cfg.limit, cfg.decoding, cfg.data_dir,
-                      pick_device(cfg.device), progress=cfg.progress)
+                      pick_device(cfg.device), progress=cfg.progress, out=cfg.out)
     print(format_table(result))
     if cfg.model != "copy":
-        print(f"-> {cfg.model}/eval/{cfg.task}-{cfg.split}.json")
+        print(f"-> {eval_path(cfg.model, cfg.task, cfg.split, cfg.out)}")
     return 0
 
 
@@ -272,8 +278,22 @@ def cmd_scaling_fit(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ..models.export import export_run
+
+    r = export_run(args.run, args.out, args.layout)
+    rows = [("dense model.safetensors", f"{r['dense_bytes']:,} B"), ("exported model.safetensors", f"{r['exported_bytes']:,} B"),
+            ("ratio", f"{r['ratio']:.3f}"), ("masked layers", r["masked_layers"]), ("sparsity", f"{r['sparsity']:.4f}"),
+            ("layout", r["layout"])]
+    for name, value in rows:
+        print(f"{name:<28}{value:>16}")
+    print(f"-> {r['out']} (load it with sparselm.models.export.load_exported)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..data.tasks import TASKS
+    from ..experiments.spec import builtin_specs
     from ..training.config import FinetuneConfig as F
     from ..evaluation.evaluate import EvaluateConfig as E
     from ..training.config import PruneConfig as P
@@ -288,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flops", help="per-component FLOPs of a preset, dense vs sparse")
     p.add_argument("--preset", default="gpt3-xl", help="model shape: " + ", ".join(_presets()) + " (default gpt3-xl)")
+    p.add_argument("--from", dest="from_dir", metavar="DIR", help="a local HF model directory instead of a preset")
     p.add_argument("--sparsity", type=float, default=0.75, help="sparsity of the block linears (default 0.75)")
     p.add_argument("--tokens", type=float, help="also total training FLOPs for this many tokens")
     p.add_argument("--iso-flop", choices=["none", "wide"], default="none",
@@ -305,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_file_flags(p, "prune")
     p.set_defaults(func=cmd_prune)
 
+    p = sub.add_parser("export", help="write a sparse run as a compressed checkpoint (kept values + bitmask or packed 2:4)")
+    p.add_argument("run", metavar="RUN", help="a finished sparse run directory (has masks.safetensors)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the export (new or empty)")
+    p.add_argument("--layout", choices=["auto", "bitmask", "2:4"], default="auto",
+                   help="bitmask: any mask; 2:4: packed for sparse tensor cores (2:4 runs only); auto: 2:4 where the run is (default auto)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("finetune", help="fine-tune a pre-trained run on a data-to-text task (dense = SPDF)")
     _flag(p, F, "model.from_run", "--from", metavar="DIR")
     _flag(p, F, "data.task", "--task", choices=sorted(TASKS))
@@ -321,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="beam-search a task split and score it with the official metrics")
-    _flag(p, E, "model", "--model", metavar="DIR")
+    _flag(p, E, "model", "--from", "--model", metavar="DIR")
+    _flag(p, E, "out", "--out", metavar="DIR")
     _flag(p, E, "task", "--task", choices=sorted(TASKS))
     _flag(p, E, "split", "--split", choices=["train", "validation", "test"])
     _flag(p, E, "limit", "--limit", type=int)
@@ -337,8 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("reproduce", help="run the SPDF grid of a spec and write a report (resumable)")
-    p.add_argument("--spec", default="cpu-demo", help="built-in spec (cpu-demo, cpu-full, cpu-methods, gpu-small, paper-gpt2-small, "
-                                                      "paper-gpt3-xl) or a YAML file (default cpu-demo)")
+    p.add_argument("--spec", default="cpu-demo", help=f"built-in spec ({', '.join(builtin_specs())}) or a YAML file (default cpu-demo)")
     p.add_argument("--out", help="output directory (default runs/<spec name>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan with FLOPs and an ETA, run nothing")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -364,13 +392,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.<name>`` is when a message comes (redirected, or captured by a test)."""
+
+    def __init__(self, name: str):
+        self.stream_name = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def _log_to_console() -> None:
+    """The library's messages (``logging.getLogger("sparselm")``): info on stdout, warnings on stderr."""
+    logger = logging.getLogger("sparselm")
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        out, err = _ConsoleHandler("stdout"), _ConsoleHandler("stderr")
+        out.addFilter(lambda record: record.levelno < logging.WARNING)
+        err.setLevel(logging.WARNING)
+        for h in (out, err):
+            h.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ..models.card import set_command
     from ..training.loop import TrainingInterrupted
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _log_to_console()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_transformers()
     args = build_parser().parse_args(argv)
+    set_command(["sparselm", *(sys.argv[1:] if argv is None else argv)])  # for the model card
     try:
         return args.func(args)
     except TrainingInterrupted as e:

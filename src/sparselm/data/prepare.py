@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import threading
@@ -36,6 +37,8 @@ from .tokenizer import (
     EOS_TOKEN, TRAINED, encode_batch, find_eos, load_pretrained, load_tokenizer, tokenizer_hash, train_tokenizer,
     vocab_size_of,
 )
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 PROGRESS = "progress.json"
@@ -65,7 +68,7 @@ def prepare_corpus(
     vocab_size: int,
     val_fraction: float = 0.02,
     cache_dir: str | os.PathLike | None = None,
-    log=print,
+    log=logger.info,
     *,
     tokenizer: str | None = None,
     text_field: str = "text",

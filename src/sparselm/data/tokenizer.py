@@ -164,3 +164,22 @@ def save_hf_tokenizer(tokenizer_json: str | Path, out_dir: str | Path, model_max
         model_max_length=model_max_length,
     )
     hf.save_pretrained(str(out_dir))
+    make_portable(out_dir)
+
+
+# transformers 5 records the class of a plain tokenizer.json tokenizer as "TokenizersBackend", which
+# transformers 4.x cannot load; "PreTrainedTokenizerFast" loads the same files in both.
+PORTABLE_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def make_portable(out_dir: str | Path) -> None:
+    """Rewrite ``tokenizer_config.json`` in ``out_dir`` so every transformers version we declare loads it."""
+    path = Path(out_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    cls = config.get("tokenizer_class")
+    if cls in PORTABLE_CLASSES:
+        config["tokenizer_class"] = PORTABLE_CLASSES[cls]
+        config.pop("backend", None)
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

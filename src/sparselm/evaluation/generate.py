@@ -1,30 +1,14 @@
-"""Batched, deterministic beam search through ``transformers.generate``.
-
-Defaults follow the LoRA / SPDF NLG setups: 10 beams, length penalty 0.9, no repeated 4-grams,
-at most 64 new tokens.
-"""
+"""Batched, deterministic beam search through ``transformers.generate`` (settings: ``DecodingConfig``)."""
 
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import option
 from ..models import context_length
+from ..models.decoding import DecodingConfig
 
-
-@dataclass
-class DecodingConfig:
-    num_beams: int = option(10, "beam width", lo=1)
-    length_penalty: float = option(0.9, "beam length penalty (>1 favours longer outputs)")
-    no_repeat_ngram_size: int = option(4, "forbid repeating n-grams of this size (0 = off)", lo=0)
-    max_new_tokens: int = option(64, "generation length limit", lo=1)
-    batch_size: int = option(16, "inputs per generation batch", lo=1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["DecodingConfig", "generate"]
 
 
 @torch.no_grad()
@@ -46,12 +30,8 @@ def generate(model, tokenizer, prompts: list[str], cfg: DecodingConfig = Decodin
         for j, b in enumerate(batch):  # left padding, so every prompt ends where generation starts
             ids[j, width - len(b):] = torch.tensor(b)
             mask[j, width - len(b):] = 1
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), num_beams=cfg.num_beams,
-            length_penalty=cfg.length_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-            max_new_tokens=cfg.max_new_tokens, do_sample=False, early_stopping=True,
-            eos_token_id=eos, pad_token_id=eos,
-        )
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             generation_config=cfg.generation_config(eos))
         for row in out[:, width:].tolist():
             if eos in row:
                 row = row[: row.index(eos)]

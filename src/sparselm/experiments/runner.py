@@ -8,6 +8,7 @@ grid goes on; cells that depend on it are marked blocked.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import traceback
@@ -24,6 +25,8 @@ from .grid import FinetuneCell, PretrainCell, plan
 from .results import collect, write_results
 from .spec import ExperimentSpec, SpecError
 
+logger = logging.getLogger(__name__)
+
 # Throughputs used for --dry-run ETAs (dense-equivalent training FLOP/s: sparsity is simulated with
 # dense kernels, so wall time follows dense FLOPs). CPU: measured, tiny preset on 2 cores (9.7e10);
 # CUDA: an assumption of ~30% of an H100's bf16 peak, to be replaced by a measurement.
@@ -35,7 +38,7 @@ FT_TOKENS_PER_PAIR = 64  # padded tokens per fine-tuning pair, for estimates
 def planned_pretrain_flops(cfg) -> float:
     """Training FLOPs the configured method will spend, step by step, from its own plan (GMP's
     dense start and schedule, RigL's dense-gradient steps), with no model built."""
-    shape = cfg.shape()
+    shape = cfg.planned_shape()
     sparsifier = cfg.sparsity.build(cfg.optim.max_steps, cfg.run.seed)
     if sparsifier is None:
         return cfg.optim.max_steps * cfg.tokens_per_step * flops.train_flops_per_token(shape, 1.0)
@@ -54,7 +57,7 @@ def dry_run(spec: ExperimentSpec, out: Path, device: str = "auto") -> str:
     lines.append(f"{'cell':<34}{'tokens':>10}{'sparse FLOPs':>14}{'dense FLOPs':>14}{'ETA':>9}  status")
     for cell in pre:
         cfg = spec.pretrain_config(cell.sparsity, cell.method, cell.seed, str(cell.dir))
-        shape = cfg.shape()
+        shape = cfg.planned_shape()
         tokens = cfg.optim.max_steps * cfg.tokens_per_step
         dense = tokens * flops.train_flops_per_token(shape, 1.0)
         sparse = planned_pretrain_flops(cfg)
@@ -63,7 +66,7 @@ def dry_run(spec: ExperimentSpec, out: Path, device: str = "auto") -> str:
         lines.append(f"{cell.name:<34}{tokens:>10.3g}{sparse:>14.3e}{dense:>14.3e}{duration(eta):>9}  {'done' if cell.done() else 'todo'}")
     from ..data.tasks import load_task
 
-    shape = spec.pretrain_config(0.0, "static", spec.seeds[0], "x").shape()
+    shape = spec.pretrain_config(0.0, "static", spec.seeds[0], "x").planned_shape()
     for task in spec.tasks:
         data = load_task(task, spec.data_dir)
         ft = spec.finetune_config("x", task, "dense", 0, "x")
@@ -110,7 +113,7 @@ def _check_spec_file(spec: ExperimentSpec, out: Path) -> None:
         path.write_text(yaml.safe_dump(current, sort_keys=False))
 
 
-def run(spec: ExperimentSpec, out: str | Path, device: str = "auto", progress: bool = True, log=print) -> dict:
+def run(spec: ExperimentSpec, out: str | Path, device: str = "auto", progress: bool = True, log=logger.info) -> dict:
     """Run (or finish) the grid, then collect results. Returns the results dict."""
     out = Path(out)
     _check_spec_file(spec, out)

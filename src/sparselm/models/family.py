@@ -124,6 +124,29 @@ def lora_config_kwargs(model) -> dict:
     return {"target_modules": list(family.lora_targets), "fan_in_fan_out": family.lora_fan_in_fan_out}
 
 
+def _read_config(path: Path) -> tuple[dict, ModelFamily]:
+    """The raw config.json of a model directory and the family that loads it (errors name the file)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file}: expected a JSON object")
+    return raw, _family_for_model_type(raw.get("model_type"), raw.get("architectures"), f"{path}: ")
+
+
+def shape_of_dir(path: str | Path) -> ModelShape:
+    """The ModelShape of a saved model directory, from its config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    family = _read_config(path)[1]
+    return family.shape_of(AutoConfig.from_pretrained(str(path)))
+
+
 def load_model(path: str | Path) -> PreTrainedModel:
     """A causal LM saved with ``save_pretrained`` (a sparselm run or any HF directory of a registered
     family). Every weight must come from the checkpoint: a model with freshly initialised holes would
@@ -131,11 +154,7 @@ def load_model(path: str | Path) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    raw = json.loads(config_file.read_text())
-    family = _family_for_model_type(raw.get("model_type"), raw.get("architectures"), f"{path}: ")
+    family = _read_config(path)[1]
     model, info = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa", output_loading_info=True)
 
     # transformers already accounts for tied weights (an LM head saved once) and its own known buffers

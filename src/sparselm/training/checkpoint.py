@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from ..data.tokenizer import make_portable
+from ..models.card import write_card
 from ..files import (MANIFEST, CorruptFileError, Staging, check_mask_counts, read_json, reading, save_torch, verify,
                      write_text)
 
@@ -101,7 +103,7 @@ def load_checkpoint(path: Path, model, optimizer, map_location="cpu") -> tuple[d
 
 
 def save_run(out: Path, model, save_tokenizer: Callable[[Path], object], masks: dict | None, summary: dict,
-             adapter=None) -> None:
+             adapter=None, keep_checkpoint: bool = True) -> None:
     """Write a finished run into ``out``: the HF model directory (weights, config, tokenizer), LoRA
     ``adapter/``, masks, summary, and its manifest. They are staged in ``final.tmp`` and moved in,
     summary then manifest last, so a full disk leaves no half-written file and the checkpoint intact."""
@@ -110,7 +112,7 @@ def save_run(out: Path, model, save_tokenizer: Callable[[Path], object], masks: 
         stage.write("model.safetensors", lambda path: model.save_pretrained(str(path.parent)))
         if adapter is not None:
             stage.write("adapter", lambda path: adapter.save_pretrained(str(path)))
-        stage.write("tokenizer.json", lambda path: save_tokenizer(path.parent))
+        stage.write("tokenizer.json", lambda path: (save_tokenizer(path.parent), make_portable(path.parent)))
         if masks:
             stage.write("masks.safetensors", lambda path: save_file(masks, str(path)))
         if (out / "train_config.json").exists():
@@ -124,6 +126,9 @@ def save_run(out: Path, model, save_tokenizer: Callable[[Path], object], masks: 
             shutil.rmtree(out / entry.name, ignore_errors=True)
         os.replace(entry, out / entry.name)
     stage.dir.rmdir()
+    write_card(out)  # from the files just written; not in the manifest (evaluate refreshes it)
+    if not keep_checkpoint:  # the run is complete: the checkpoint (about 3x the model) only served resuming
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

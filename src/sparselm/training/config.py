@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -37,7 +38,8 @@ DEFAULT_TRAINING = _SMALL  # presets registered later without their own entry
 # Keys that may change between a run and its resume without changing the trajectory (or, for the
 # step budget, changing it on purpose: the LR schedule follows the new value).
 RESUMABLE_CHANGES = {"optim.max_steps", "optim.epochs", "run.eval_every", "run.ckpt_every", "run.log_every",
-                     "run.device", "run.compile", "run.out", "run.progress"}
+                     "run.device", "run.compile", "run.out", "run.progress", "run.keep_checkpoint", "run.report_to",
+                     "data.workers"}
 
 
 @dataclass
@@ -45,6 +47,8 @@ class ModelConfig:
     """A named shape, with any field overridden (None keeps the preset's value)."""
 
     preset: str = option("tiny", "named model shape", choices=lambda: sorted(PRESETS))
+    init_from: str | None = option(None, "local Hugging Face model directory to continue pre-training from: its weights, "
+                                         "shape and tokenizer are used (shape fields and data.tokenizer must be unset)")
     family: str | None = option(None, "model family (gpt2, llama, ...)")
     n_layer: int | None = option(None, "transformer blocks", lo=1)
     n_head: int | None = option(None, "attention heads", lo=1)
@@ -57,8 +61,33 @@ class ModelConfig:
     tie_embeddings: bool | None = option(None, "share the input embedding with the LM head")
 
     def shape(self) -> ModelShape:
-        overrides = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset" and getattr(self, f.name) is not None}
-        return get_preset(self.preset).override(**overrides)
+        overrides = {f.name: getattr(self, f.name) for f in fields(self)
+                     if f.name not in ("preset", "init_from") and getattr(self, f.name) is not None}
+        if self.init_from is None:
+            return get_preset(self.preset).override(**overrides)
+        if overrides:
+            raise ConfigError(f"model.init_from={self.init_from} fixes the shape; unset model.{', model.'.join(overrides)}")
+        return _shape_of_dir(self.init_from)
+
+    def training_preset(self) -> str | None:
+        """The preset whose training defaults apply: the named one, or for ``init_from`` the preset
+        of the same family, depth and width (None: no such preset, generic defaults)."""
+        if self.init_from is None:
+            return self.preset
+        shape = self.shape()
+        same = [name for name, p in PRESETS.items()
+                if (p.family, p.n_layer, p.n_embd) == (shape.family, shape.n_layer, shape.n_embd)]
+        return same[0] if same else None
+
+
+@functools.lru_cache(maxsize=8)
+def _shape_of_dir(path: str) -> ModelShape:
+    from ..models import shape_of_dir
+
+    try:
+        return shape_of_dir(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.init_from: {e}") from None
 
 
 @dataclass
@@ -172,6 +201,18 @@ class RunConfig:
     eval_batches: int = option(20, "validation batches per evaluation (pre-training)", lo=1)
     ckpt_every: int | None = option(None, "steps between checkpoints", lo=1)
     progress: bool = option(True, "show a progress bar")
+    report_to: str = option("jsonl", "where metrics go, comma-separated: jsonl (metrics.jsonl, always), tensorboard "
+                                     "(<run>/tensorboard; sparselm[log]), wandb (when installed and configured)")
+    keep_checkpoint: bool = option(False, "keep checkpoint/ (weights, optimizer state: about 3x the model) after the run "
+                                          "finishes; it is always kept when a run fails or is interrupted")
+
+    def __post_init__(self):
+        from .reporting import parse_report_to
+
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            raise ConfigError(f"run.report_to: {e}") from None
 
 
 @dataclass
@@ -183,7 +224,13 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
-        defaults = PRESET_TRAINING.get(self.model.preset, DEFAULT_TRAINING)
+        if self.model.init_from is not None:
+            if self.data.tokenizer not in (None, self.model.init_from):
+                raise ConfigError(f"model.init_from={self.model.init_from} brings its own tokenizer; data.tokenizer="
+                                  f"{self.data.tokenizer} would feed the model other token ids: leave data.tokenizer unset")
+            if self.sparsity.iso_flop != "none":
+                raise ConfigError("sparsity.iso_flop=wide builds a wider model; it cannot start from model.init_from")
+        defaults = PRESET_TRAINING.get(self.model.training_preset(), DEFAULT_TRAINING)
         for key, value in defaults.items():
             section = self.run if key in ("eval_every", "ckpt_every") else self.optim
             if getattr(section, key) is None:
@@ -204,6 +251,22 @@ class PretrainConfig:
         """The model's shape; Sparse-Wide widens it so its sparse block linears cost the dense FLOPs."""
         shape = self.model.shape()
         return shape.widened(self.sparsity.target) if self.sparsity.iso_flop == "wide" else shape
+
+    def planned_shape(self) -> ModelShape:
+        """``shape()`` with the vocabulary ``pretrain`` will give it once the corpus is tokenized: the
+        trained BPE's or a pretrained tokenizer's size, padded to a multiple of 64 (for FLOPs and
+        the plan printed before any work)."""
+        shape = self.shape()
+        if self.model.init_from is not None:
+            return shape
+        from ..data.corpus import pad_vocab
+        from ..data.paths import data_root
+        from ..data.tokenizer import TRAINED, load_pretrained, vocab_size_of
+
+        size = self.model.vocab_size
+        if size is None and self.data.tokenizer not in (None, TRAINED):
+            size = vocab_size_of(load_pretrained(self.data.tokenizer, data_root)[0])
+        return shape.override(vocab_size=pad_vocab(size or shape.vocab_size))
 
     @property
     def tokens_per_step(self) -> int:

@@ -9,14 +9,18 @@ data-parallel rank takes its share), the target-only loss, a linear LR and the F
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 import torch
 
 from .. import flops
-from ..data.tasks import load_task
+from .._optional import require
+from ..data.tasks import SEPARATOR, load_task
 from ..models import lora_config_kwargs, shape_of
+from ..models.card import invocation
+from ..models.decoding import DecodingConfig
 from ..models.loss import collate, encode_pairs, target_loss, validation_loss
 from ..models.runs import load_run
 from ..sparsity import Static
@@ -27,20 +31,28 @@ from .loop import Phase, StepCost, Trainer, autocast_for, new_state, start_run, 
 from .lock import writes_run
 from .optim import adamw, linear_lr
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["FinetuneConfig", "MODES", "finetune"]
 
 
-def _wrap_lora(model, cfg: FinetuneConfig):
-    from peft import LoraConfig, get_peft_model
+def _peft():
+    return require("peft", "lora", "LoRA fine-tuning")  # "LoRA fine-tuning needs peft: pip install 'sparselm[lora]'"
 
+
+def _wrap_lora(model, cfg: FinetuneConfig):
+    peft = _peft()
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
     lcfg = LoraConfig(r=cfg.tuning.lora_r, lora_alpha=cfg.tuning.lora_alpha, lora_dropout=cfg.tuning.lora_dropout,
                       task_type="CAUSAL_LM", **lora_config_kwargs(model))
     return get_peft_model(model, lcfg)
 
 
 @writes_run
-def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = None, log=print) -> dict:
+def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = None, log=logger.info) -> dict:
     """Fine-tune, write the run directory (an HF model directory plus sparselm extras), return its summary."""
+    if cfg.tuning.mode == "lora":
+        _peft()  # before anything is loaded or written
     start = start_run(cfg, resume, progress, log)
     if start.finished is not None:
         return start.finished
@@ -154,10 +166,15 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = 
         "skipped_rows": task.skipped,
         "pairs_left_out_too_long": {"train": long_train, "validation": long_val},
         "wall_time_s": state["wall_time_s"],
+        "device": str(device),
         "world_size": dist.world_size,
+        "prompt_format": {"prompt": "{input}" + SEPARATOR, "target": " {text}" + (tokenizer.eos_token or ""),
+                          "example": train_pairs[0][0] if train_pairs else ""},
+        "command": invocation(),
     }
     if dist.is_main:
+        final.generation_config = DecodingConfig().generation_config(tokenizer.eos_token_id)
         save_run(out, final, lambda d: tokenizer.save_pretrained(str(d)),
                  sparsifier.state_dict() if sparsifier is not None else None, summary,
-                 adapter=model if mode == "lora" else None)
+                 adapter=model if mode == "lora" else None, keep_checkpoint=cfg.run.keep_checkpoint)
     return summary

@@ -28,6 +28,7 @@ def run_lock(run_dir: str | os.PathLike):
         yield
         return
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -40,7 +41,13 @@ def run_lock(run_dir: str | os.PathLike):
                                  "wait for it to finish, stop it, or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"PID {os.getpid()}: {' '.join(sys.argv)[:300]}\n".encode(), 0)
-        yield
+        try:
+            yield
+        except BaseException:
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:  # failed before writing anything
+                path.unlink()
+                run_dir.rmdir()
+            raise
         os.ftruncate(fd, 0)  # the file stays (unlinking it would race a waiting process); it names no holder now
     finally:
         os.close(fd)  # releases the lock

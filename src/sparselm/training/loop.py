@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import signal
 import time
@@ -27,6 +28,9 @@ from ..files import MANIFEST, read_json
 from . import distributed
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from .config import RESUMABLE_CHANGES, RunConfig
+from .reporting import Reporters, parse_report_to
+
+logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
 
@@ -237,16 +241,18 @@ def train_step(phase: Phase, trainer: Trainer, step: int) -> tuple[torch.Tensor,
 
 
 # ---- the loop -------------------------------------------------------------------------------------
-def train(phase: Phase, trainer: Trainer, state: dict, log=print) -> float:
+def train(phase: Phase, trainer: Trainer, state: dict, log=logger.info) -> float:
     """Run ``phase`` from ``state['step']`` to ``phase.total_steps``; return the final validation loss.
     ``state`` is updated in place (step, tokens, FLOPs, average parameters, wall time)."""
     run, dist, out = trainer.run, trainer.dist, trainer.out
-    metrics = open(out / "metrics.jsonl", "a") if dist.is_main else None
+    metrics = None
+    if dist.is_main:
+        config = json.loads((out / "train_config.json").read_text()) if (out / "train_config.json").exists() else {}
+        metrics = Reporters(parse_report_to(run.report_to), out, phase.name, config)
 
     def log_row(row: dict) -> None:
         if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            metrics.log(row)
 
     def save() -> None:
         if dist.is_main:

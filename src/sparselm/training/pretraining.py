@@ -5,6 +5,7 @@ a summary with the honest FLOP and parameter accounting of the whole run."""
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -14,13 +15,16 @@ from .. import flops
 from ..data import eval_batches, get_batch, prepare_corpus
 from ..data.paths import default_corpus
 from ..data.tokenizer import save_hf_tokenizer
-from ..models import build_model
+from ..models import build_model, load_model
+from ..models.card import invocation
 from ..sparsity import global_sparsity
 from .checkpoint import save_run
 from .config import PretrainConfig
 from .loop import Phase, RunExistsError, StepCost, Trainer, autocast_for, new_state, start_run, restore, train
 from .lock import writes_run
 from .optim import adamw, cosine_lr
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["RunExistsError", "pretrain", "param_count", "next_token_loss"]
 
@@ -60,25 +64,39 @@ def evaluate_loss(model, tokens, batch_size: int, block_size: int, n_batches: in
 
 
 @writes_run
-def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = None, log=print) -> dict:
+def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = None, log=logger.info) -> dict:
     """Train, write the run directory, return its summary."""
     start = start_run(cfg, resume, progress, log)
     if start.finished is not None:
         return start.finished
     out, device, dist, log, checkpoint = start.out, start.device, start.dist, start.log, start.checkpoint
 
-    shape = cfg.shape()
+    shape, init = cfg.shape(), cfg.model.init_from
+    options = cfg.data.prepare_options()
+    if init:  # the model's own tokenizer, never another one
+        options["tokenizer"] = init
     corpus = prepare_corpus(cfg.data.corpus or str(default_corpus()), shape.vocab_size, cfg.data.val_fraction,
-                            cfg.data.cache_dir, log=log, progress=cfg.run.progress and dist.is_main,
-                            **cfg.data.prepare_options())
-    shape = shape.override(vocab_size=corpus.model_vocab_size(cfg.model.vocab_size))  # follows the tokenizer
+                            cfg.data.cache_dir, log=log, progress=cfg.run.progress and dist.is_main, **options)
+    if init and corpus.vocab_size > shape.vocab_size:
+        raise ValueError(f"{init}: the tokenizer has {corpus.vocab_size} tokens but the model's embedding only "
+                         f"{shape.vocab_size} rows; the directory's tokenizer and model do not belong together")
+    if not init:
+        shape = shape.override(vocab_size=corpus.model_vocab_size(cfg.model.vocab_size))  # follows the tokenizer
     corpus.check_windows(shape.block_size)
     if shape.vocab_size != corpus.vocab_size:
-        log(f"tokenizer: {corpus.vocab_size} tokens; model vocab_size {shape.vocab_size} (padded to a multiple of 64)")
+        log(f"tokenizer: {corpus.vocab_size} tokens; model vocab_size {shape.vocab_size} "
+            f"({'as in ' + init if init else 'padded to a multiple of 64'}; the extra rows are never predicted)")
     train_tokens, val_tokens = corpus.train(), corpus.val()
 
     torch.manual_seed(cfg.run.seed)
-    model = build_model(shape, corpus.eos_id).to(device)
+    if init:
+        log(f"continuing from {init} ({shape.family}, {shape.n_layer}L d={shape.n_embd} T={shape.block_size} V={shape.vocab_size})")
+        model = load_model(init).to(device)
+        save_tokenizer = functools.partial(_copy_tokenizer, init)
+    else:
+        model = build_model(shape, corpus.eos_id).to(device)
+        save_tokenizer = functools.partial(save_hf_tokenizer, corpus.dir / "tokenizer.json",
+                                           model_max_length=shape.block_size, eos_token=corpus.eos_token)
     optimizer = adamw(model, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), device.type)
     sparsifier = cfg.sparsity.build(cfg.optim.max_steps, cfg.run.seed)
     if sparsifier is not None:
@@ -88,7 +106,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "train_config.json")
-        save_hf_tokenizer(corpus.dir / "tokenizer.json", out, shape.block_size, eos_token=corpus.eos_token)
+        save_tokenizer(out_dir=out)
 
     n_params = param_count(model)
     dense_fpt = flops.train_flops_per_token(shape, 1.0)
@@ -128,7 +146,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
         sparsifier.check()
     summary = {
         "kind": "pretrain",
-        "preset": cfg.model.preset,
+        "preset": None if init else cfg.model.preset,
+        "init_from": init,
         "family": shape.family,
         "model": shape.to_dict(),
         "n_params": n_params,
@@ -146,11 +165,22 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
         "wall_time_s": state["wall_time_s"],
         "device": str(device),
         "world_size": dist.world_size,
+        "data": f"{cfg.data.corpus or default_corpus()}: {corpus.train_tokens:,} training tokens, "
+                f"tokenizer {corpus.tokenizer_source} ({corpus.vocab_size:,} tokens)",
+        "command": invocation(),
     }
     if dist.is_main:
-        save_run(out, model, lambda d: save_hf_tokenizer(out / "tokenizer.json", d, shape.block_size),
-                 sparsifier.state_dict() if sparsifier is not None and not ended_dense else None, summary)
+        save_run(out, model, lambda d: save_tokenizer(out_dir=d),
+                 sparsifier.state_dict() if sparsifier is not None and not ended_dense else None, summary,
+                 keep_checkpoint=cfg.run.keep_checkpoint)
     return summary
+
+
+def _copy_tokenizer(model_dir: str, out_dir) -> None:
+    """The tokenizer of the model a run continues from, saved as transformers loads it (all its files)."""
+    from ..models.runs import load_tokenizer
+
+    load_tokenizer(model_dir).save_pretrained(str(out_dir))
 
 
 def _sparsity_report(sparsifier, ended_dense: bool) -> dict:

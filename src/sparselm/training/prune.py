@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..models.card import invocation
 from ..models.runs import load_run
 from ..sparsity import Magnitude, parse_n_m
 from .checkpoint import save_run
@@ -23,6 +24,6 @@ def prune_run(cfg: PruneConfig) -> dict:
     sparsifier = Magnitude(cfg.target, distribution=cfg.distribution, n_m=parse_n_m(cfg.n_m)).attach(model)
     out.mkdir(parents=True, exist_ok=True)
     summary = dict(source)
-    summary.update(kind="pretrain", pruned_from=str(cfg.from_run), sparsity=sparsifier.report())
+    summary.update(kind="pretrain", pruned_from=str(cfg.from_run), sparsity=sparsifier.report(), command=invocation())
     save_run(out, model, lambda d: tok.save_pretrained(str(d)), sparsifier.state_dict(), summary)
     return summary
