@@ -97,6 +97,7 @@ def sparse_run(tmp_path_factory, small_corpus, cache_dir):
     cfg = make_config(
         PretrainConfig, preset="tiny", model=dict(MICRO_MODEL, block_size=128), corpus=str(small_corpus), cache_dir=str(cache_dir),
         out=str(out), sparsity=0.5, max_steps=30, batch_size=8, warmup_steps=5, eval_every=30, ckpt_every=30, eval_batches=2,
+        keep_checkpoint=True,  # the reliability tests damage and resume it
     )
     pretrain(cfg, progress=False, log=lambda *_: None)
     return out

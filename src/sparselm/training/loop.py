@@ -154,7 +154,10 @@ def open_run_dir(out: Path, config: dict, resume: bool, log) -> tuple[Path | Non
     saved = check_resume_config(out / "train_config.json", config, log)
     if resume and finished.exists():
         budget = lambda c: (_flat(c).get("optim.max_steps"), _flat(c).get("optim.epochs"))  # noqa: E731
-        if checkpoint is None or budget(saved) == budget(config):
+        if checkpoint is None and budget(saved) != budget(config):
+            raise ValueError(f"{out} is finished and its checkpoint was removed, so it cannot be trained further; "
+                             "start a new run (or keep checkpoints with --keep-checkpoint)")
+        if budget(saved) == budget(config):
             log(f"{out} is already finished; nothing to do (raise optim.max_steps to train it further)")
             return checkpoint, read_json(finished)
         (out / MANIFEST).unlink(missing_ok=True)  # trained further: the finished run's files will change
