@@ -137,10 +137,16 @@ def _plots(results: dict, out: Path) -> list[tuple[str, str]]:
                 xs = range(len(sparse_levels))
                 top = 0.0
                 for j, mode in enumerate(("dense", "sparse")):
-                    vals = [next((v["bleu"] for k, v in cells.items() if k[0] == task and k[1] == mode and k[2] == s), 0) for s in sparse_levels]
-                    bars = ax.bar([x + (j - 0.5) * 0.38 for x in xs], vals, width=0.38, label=f"{mode} fine-tuning")
-                    ax.bar_label(bars, fmt="%.1f", fontsize=9)
-                    top = max(top, *vals)
+                    # SPDF's own method (static masks) where a sparsity has several methods
+                    found = [sorted(((k[3] != "static", str(k[3])), v) for k, v in cells.items()
+                                    if k[0] == task and k[1] == mode and k[2] == s and v.get("bleu") is not None)
+                             for s in sparse_levels]
+                    vals = [f[0][1]["bleu"] if f else 0.0 for f in found]
+                    errs = [f[0][1].get("bleu_std", 0.0) if f else 0.0 for f in found]
+                    bars = ax.bar([x + (j - 0.5) * 0.38 for x in xs], vals, width=0.38, yerr=errs, capsize=3,
+                                  label=f"{mode} fine-tuning")
+                    ax.bar_label(bars, fmt="%.1f", fontsize=9, padding=2)
+                    top = max(top, *(v + e for v, e in zip(vals, errs)))
                 base = next((v["bleu"] for k, v in cells.items() if k[0] == task and k[1] == "dense" and k[2] == 0), None)
                 if base is not None:
                     ax.axhline(base, color="k", ls="--", lw=1, label=f"dense pre-training + dense FT ({base:.1f})")
@@ -148,8 +154,8 @@ def _plots(results: dict, out: Path) -> list[tuple[str, str]]:
                 ax.set_ylim(0, 1.4 * top if top > 0 else 1)
                 ax.set_xticks(list(xs), [f"{round(100 * s)}%" for s in sparse_levels])
                 ax.set_xlabel("pre-training sparsity")
-                ax.set_ylabel(f"BLEU ({results['eval_split']})")
-                ax.set_title(f"{task}: dense vs sparse fine-tuning")
+                ax.set_ylabel(f"BLEU ({results['eval_split']}; bars: std over seeds)")
+                ax.set_title(f"{task}: dense vs sparse fine-tuning (static masks)")
                 ax.legend(loc="upper center", ncol=1, fontsize=9, framealpha=0.9)
             fig.tight_layout()
             fig.savefig(out / "plots" / "finetune_gap.png", dpi=110)
