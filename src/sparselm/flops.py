@@ -83,3 +83,32 @@ def flops_table(shape: Shape, sparsity: float) -> list[tuple[str, float, float]]
     dense = forward_flops_per_token(shape, 1.0)
     sparse = forward_flops_per_token(shape, 1.0 - sparsity)
     return [(k, dense[k], sparse[k]) for k in dense]
+
+
+# ---- model FLOPs utilisation ----------------------------------------------------------------------
+# Dense peak tensor-core FLOP/s in bf16/fp16 (without the 2:4-sparsity doubling), by a substring of
+# the name CUDA reports; the first match wins, so the more specific names come first. TF32 (fp32
+# matmuls with TF32 on) runs at half these rates on these GPUs.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+}
+
+
+def peak_flops(device_name: str, dtype: str) -> float | None:
+    """The peak FLOP/s of a known GPU for ``dtype`` ('bfloat16', 'float16' or 'float32'), else None."""
+    for key, peak in PEAK_BF16_FLOPS.items():
+        if key.lower() in device_name.lower():
+            return peak if dtype in ("bfloat16", "float16") else peak / 2
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: FLOPs per token x tokens/s over the device's peak (None without a peak).
+    sparselm passes the *dense* training FLOPs per token: what masked-dense kernels execute."""
+    return flops_per_token * tokens_per_s / peak if peak else None
