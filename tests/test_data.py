@@ -77,9 +77,9 @@ def test_vocab_larger_than_dtype():
 
 def test_batches_are_seeded_by_step():
     tokens = np.arange(10_000, dtype=np.uint16)
-    x1, y1 = get_batch(tokens, 4, 16, seed=1, step=5)
-    x2, _ = get_batch(tokens, 4, 16, seed=1, step=5)
-    x3, _ = get_batch(tokens, 4, 16, seed=1, step=6)
+    x1, y1 = get_batch(tokens, 4, 16, seed=1, index=5)
+    x2, _ = get_batch(tokens, 4, 16, seed=1, index=5)
+    x3, _ = get_batch(tokens, 4, 16, seed=1, index=6)
     assert x1.shape == (4, 16) and x1.dtype.is_floating_point is False
     assert (x1 == x2).all() and not (x1 == x3).all()
     assert (y1[:, :-1] == x1[:, 1:]).all()  # targets are inputs shifted by one

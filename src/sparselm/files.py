@@ -169,7 +169,7 @@ def write_manifest(directory: Path, names: Iterable[str], masks: Mapping | None 
     """Record sha256 and size of ``names`` (and the kept count of each mask) in ``directory``; call it last."""
     directory = Path(directory)
     files = {n: {"sha256": sha256(directory / n), "size": (directory / n).stat().st_size} for n in names}
-    kept = {k: int(m.sum()) for k, m in masks.items()} if masks else {}
+    kept = {k: m if isinstance(m, int) else int(m.sum()) for k, m in masks.items()} if masks else {}  # masks or counts
     write_json(directory / MANIFEST, {"files": files, "mask_kept": kept, **extra})
 
 

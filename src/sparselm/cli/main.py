@@ -45,6 +45,10 @@ def _common_run_flags(p: argparse.ArgumentParser, cls: type, default_out: str) -
     _flag(p, cls, "run.dtype", "--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--compile", dest="run.compile", action="store_const", const=True, default=None,
                    help="torch.compile the model for training (CPU: inductor with the system C compiler; config key run.compile)")
+    _flag(p, cls, "run.parallel", "--parallel", choices=["ddp", "fsdp"])
+    _flag(p, cls, "run.kernel", "--kernel", choices=["dense", "semi-structured"])
+    p.add_argument("--activation-checkpointing", dest="run.activation_checkpointing", action="store_const", const=True,
+                   default=None, help="recompute each block's activations in the backward (config key run.activation_checkpointing)")
     _flag(p, cls, "run.report_to", "--report-to", metavar="jsonl,tensorboard,wandb")
     p.add_argument("--keep-checkpoint", dest="run.keep_checkpoint", action="store_const", const=True, default=None,
                    help="keep checkpoint/ after the run finishes (default: removed then; always kept on failure or "
@@ -68,13 +72,10 @@ def _config_flags(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
 
 
-def _warn_device(cfg_run) -> None:
-    """Say when an option does not do what the user may expect on this device."""
-    import torch
-
-    cuda = torch.cuda.is_available() and cfg_run.device != "cpu"
-    if cfg_run.dtype == "float16" and not cuda:
-        logging.getLogger("sparselm").warning("warning: float16 autocast on the CPU is slow and loses precision; use bfloat16 or float32")
+def _say(*args, **kw) -> None:
+    """``print`` on the main process only (under torchrun every rank runs the command)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kw)
 
 
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
@@ -151,13 +152,12 @@ def cmd_pretrain(args) -> int:
     from ..training import load_pretrain_config, pretrain
 
     cfg = load_pretrain_config(args.config, args.overrides, _config_flags(args))
-    _warn_device(cfg.run)
     shape = cfg.planned_shape()
-    print(f"pretrain {cfg.model.init_from or cfg.model.preset} ({shape.family}, {shape.n_layer}L d={shape.n_embd} T={shape.block_size} "
+    _say(f"pretrain {cfg.model.init_from or cfg.model.preset} ({shape.family}, {shape.n_layer}L d={shape.n_embd} T={shape.block_size} "
           f"V={shape.vocab_size}) sparsity={cfg.sparsity.target} method={cfg.sparsity.method} steps={cfg.optim.max_steps} "
-          f"tokens/step={cfg.tokens_per_step} -> {cfg.run.out}")
+          f"tokens/step={cfg.tokens_per_step * int(os.environ.get('WORLD_SIZE', '1'))} -> {cfg.run.out}")
     summary = pretrain(cfg, resume=args.resume)
-    print(f"done: val loss {summary['final_val_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f}), "
+    _say(f"done: val loss {summary['final_val_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f}), "
           f"sparsity {summary['sparsity']['measured']:.4f}, train FLOPs {summary['train_flops']:.3e} "
           f"(dense {summary['dense_train_flops']:.3e}, {summary['flops_reduction']:.2f}x fewer), "
           f"{summary['wall_time_s']:.0f}s -> {cfg.run.out}")
@@ -175,19 +175,19 @@ def cmd_flops(args) -> int:
     sparse_shape = shape.widened(args.sparsity) if args.iso_flop == "wide" else shape
     rows = flops.flops_table(shape, 0.0)
     sparse = flops.forward_flops_per_token(sparse_shape, 1.0 - args.sparsity)
-    print(f"forward FLOPs per token, {name} ({shape.family}, L={shape.n_layer} d={shape.n_embd} "
+    _say(f"forward FLOPs per token, {name} ({shape.family}, L={shape.n_layer} d={shape.n_embd} "
           f"T={shape.block_size} V={shape.vocab_size}), sparsity {args.sparsity} on the block linears")
     if args.iso_flop == "wide":
-        print(f"Sparse-Wide: d={shape.n_embd} -> {sparse_shape.n_embd}, d_ff={shape.n_inner} -> {sparse_shape.n_inner} "
+        _say(f"Sparse-Wide: d={shape.n_embd} -> {sparse_shape.n_embd}, d_ff={shape.n_inner} -> {sparse_shape.n_inner} "
               f"(x{(1 - args.sparsity) ** -0.5:.3f}, rounded to a multiple of {shape.n_head} heads)")
     label = "sparse-wide" if args.iso_flop == "wide" else "sparse"
-    print(f"{'component':<14}{'dense':>14}{label:>14}")
+    _say(f"{'component':<14}{'dense':>14}{label:>14}")
     for name, dense, _ in rows:
-        print(f"{name:<14}{dense:>14.4e}{sparse[name]:>14.4e}")
+        _say(f"{name:<14}{dense:>14.4e}{sparse[name]:>14.4e}")
     total_dense, total_sparse = rows[-1][1], sparse["total"]
-    print(f"dense/{label} ratio: {total_dense / total_sparse:.3f}x")
+    _say(f"dense/{label} ratio: {total_dense / total_sparse:.3f}x")
     if args.tokens:
-        print(f"training FLOPs for {args.tokens:.3e} tokens: dense {3 * total_dense * args.tokens:.3e}, "
+        _say(f"training FLOPs for {args.tokens:.3e} tokens: dense {3 * total_dense * args.tokens:.3e}, "
               f"{label} {3 * total_sparse * args.tokens:.3e}")
     return 0
 
@@ -207,7 +207,7 @@ def cmd_prune(args) -> int:
 
     cfg = config.load(PruneConfig, args.config, args.overrides, _config_flags(args))
     s = prune_run(cfg)
-    print(f"pruned {cfg.from_run} by magnitude to sparsity {s['sparsity']['measured']:.4f} -> {cfg.out}")
+    _say(f"pruned {cfg.from_run} by magnitude to sparsity {s['sparsity']['measured']:.4f} -> {cfg.out}")
     return 0
 
 
@@ -215,10 +215,9 @@ def cmd_finetune(args) -> int:
     from ..training import finetune, load_finetune_config
 
     cfg = load_finetune_config(args.config, args.overrides, _config_flags(args))
-    _warn_device(cfg.run)
-    print(f"finetune {cfg.model.from_run} on {cfg.data.task} ({cfg.tuning.mode}) -> {cfg.run.out}")
+    _say(f"finetune {cfg.model.from_run} on {cfg.data.task} ({cfg.tuning.mode}) -> {cfg.run.out}")
     s = finetune(cfg, resume=args.resume)
-    print(f"done: {s['steps']} steps ({s['epochs']:.2f} epochs), val loss {s['initial_val_loss']:.3f} -> "
+    _say(f"done: {s['steps']} steps ({s['epochs']:.2f} epochs), val loss {s['initial_val_loss']:.3f} -> "
           f"{s['final_val_loss']:.3f} (ppl {s['final_val_ppl']:.2f}), fine-tuning FLOPs {s['finetune_flops']:.3e}, "
           f"{s['wall_time_s']:.0f}s -> {cfg.run.out}")
     return 0

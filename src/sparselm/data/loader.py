@@ -1,8 +1,9 @@
 """Random (B, T) training windows from a token sequence, stateless in the step.
 
-The batch for step ``k`` depends only on (seed, k): resuming at step k reads exactly the data an
-uninterrupted run would have, with no loader state to checkpoint, and data-parallel ranks add
-their rank to the seed to read different windows. ``tokens`` is anything with ``len`` and
+The batch ``k`` depends only on (seed, k): resuming reads exactly the data an uninterrupted run
+would have, with no loader state to checkpoint. Pre-training numbers the micro-batches of all
+ranks globally (``step * grad_accum * ranks + micro * ranks + rank``), so a step reads the same
+windows on 1 rank with grad_accum 2 as on 2 ranks with grad_accum 1. ``tokens`` is anything with ``len`` and
 slices: a numpy array, or a split's shards (``ShardedTokens``), read as one sequence so a
 window may span two shards and the batches do not depend on where the shards were cut.
 """
@@ -12,13 +13,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def get_batch(tokens, batch_size: int, block_size: int, seed: int, step: int, device="cpu"):
-    """Inputs and next-token targets, each (batch_size, block_size) int64."""
+def get_batch(tokens, batch_size: int, block_size: int, seed: int, index: int, device="cpu"):
+    """Inputs and next-token targets of micro-batch ``index``, each (batch_size, block_size) int64."""
     import torch  # here, not at import: tokenizing workers import this package without torch
 
     if len(tokens) <= block_size + 1:
         raise ValueError(f"only {len(tokens)} tokens, fewer than one window of {block_size + 1}; use more text or a smaller block_size")
-    rng = np.random.default_rng([seed, step])
+    rng = np.random.default_rng([seed, index])
     starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)
     windows = np.stack([np.asarray(tokens[s : s + block_size + 1], dtype=np.int64) for s in starts])
     t = torch.from_numpy(windows)

@@ -32,6 +32,7 @@ from torch import nn
 from .. import config
 from ..registry import Registry
 from . import masks as M
+from . import sharding as S
 from .distributions import per_layer_sparsity
 from .schedules import CURVES, Schedule, cosine_decay
 from .selection import DEFAULT_EXCLUDE, Target, select_targets
@@ -98,7 +99,7 @@ class Sparsifier:
         self.targets = select_targets(model, self.include, self.exclude)
         self.optimizer = optimizer
         self.shapes = {t.name: tuple(t.param.shape) for t in self.targets}
-        self.masks = {k: v.to(self._param(k).device) for k, v in self.init_masks().items()}
+        self.masks = self._on_whole_tensors(self.init_masks)
         self._sync_masks()
         self.apply_masks()
         return self
@@ -149,7 +150,7 @@ class Sparsifier:
                                  else torch.zeros_like(t.param) for t in self.targets}
         for t in self.targets:
             if t.param.grad is not None:
-                t.param.grad.mul_(self.masks[t.name])
+                S.local(t.param.grad).mul_(S.local(self.masks[t.name]))
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -161,7 +162,7 @@ class Sparsifier:
             if self.needs_dense_grads and grads is None:
                 raise RuntimeError(f"{self.name}: after_backward must run on update steps before after_step")
             old = self.masks
-            self.masks = self.update_masks(step, grads)
+            self.masks = self._on_whole_tensors(self.update_masks, step, grads)
             self._sync_masks()
             self._reset_changed(old, self.masks)
         self.apply_masks()
@@ -194,22 +195,22 @@ class Sparsifier:
     @torch.no_grad()
     def apply_masks(self) -> None:
         for t in self.targets:
-            t.param.mul_(self.masks[t.name])
+            S.local(t.param).mul_(S.local(self.masks[t.name]))
 
     @torch.no_grad()
     def check(self) -> None:
         """Raise ``SparsityViolation`` if any pruned weight (or its gradient) is non-zero."""
         for t in self.targets:
             pruned = ~self.masks[t.name]
-            bad = int(torch.count_nonzero(t.param[pruned]))
+            bad = S.count_nonzero(t.param.detach().ne(0) & pruned)
             if bad:
                 raise SparsityViolation(f"{t.name}: {bad} pruned weights are non-zero")
-            if t.param.grad is not None and torch.count_nonzero(t.param.grad[pruned]):
+            if t.param.grad is not None and S.count_nonzero(t.param.grad.ne(0) & pruned):
                 raise SparsityViolation(f"{t.name}: pruned weights have non-zero gradients")
 
     def densities(self) -> dict[str, float]:
         """Measured density (fraction of kept weights) per masked layer."""
-        return {k: float(m.float().mean()) for k, m in self.masks.items()}
+        return {k: S.count_nonzero(m) / m.numel() for k, m in self.masks.items()}
 
     def report(self) -> dict:
         """Target and measured sparsity, per layer and overall (over the masked weights)."""
@@ -229,8 +230,9 @@ class Sparsifier:
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Boolean masks by parameter name (the whole state: every RNG is derived from the seed)."""
-        return {k: v.detach().cpu().contiguous() for k, v in self.masks.items()}
+        """Boolean masks by parameter name, whole (the whole state: every RNG is derived from the
+        seed). Sharded masks are gathered: every rank must call it."""
+        return {k: S.full(v).detach().cpu().contiguous() for k, v in self.masks.items()}
 
     @torch.no_grad()
     def load_state_dict(self, masks: Mapping[str, torch.Tensor]) -> None:
@@ -241,27 +243,44 @@ class Sparsifier:
             m = masks[t.name]
             if tuple(m.shape) != tuple(t.param.shape):
                 raise ValueError(f"mask for {t.name} has shape {tuple(m.shape)}, weight has {tuple(t.param.shape)}")
-            self.masks[t.name] = m.to(device=t.param.device, dtype=torch.bool)
+            m = m.to(dtype=torch.bool)
+            self.masks[t.name] = m if S.is_sharded(m) else S.shard_like(m, t.param)
         self.apply_masks()
 
     # ---- internals ------------------------------------------------------------------------
     def _param(self, name: str) -> nn.Parameter:
         return next(t.param for t in self.targets if t.name == name)
 
+    def _on_whole_tensors(self, make_masks, *args) -> dict[str, torch.Tensor]:
+        """``make_masks(*args)`` (``init_masks`` or ``update_masks``) laid out like the parameters.
+        Methods see whole tensors: for sharded (FSDP2) parameters, weights, masks and gradients are
+        gathered here, on init and update steps only, and each rank keeps its shard of the result."""
+        if not any(S.is_sharded(t.param) for t in self.targets):
+            return {k: m.to(self._param(k).device) for k, m in make_masks(*args).items()}
+        sharded, masks = self.targets, self.masks
+        self.targets = [dataclasses.replace(t, param=S.full(t.param.detach())) for t in sharded]
+        self.masks = {k: S.full(m) for k, m in masks.items()}
+        args = tuple({k: S.full(g) for k, g in a.items()} if isinstance(a, dict) else a for a in args)
+        try:
+            new = make_masks(*args)
+        finally:
+            self.targets, self.masks = sharded, masks
+        return {t.name: S.shard_like(new[t.name], t.param) for t in sharded}
+
     @torch.no_grad()
     def _reset_changed(self, old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> None:
         """Pruned and newly grown weights are set to zero, with zeroed gradients and optimizer moments."""
-        for t in self.targets:
-            changed = old[t.name] ^ new[t.name]
+        for t in self.targets:  # on each rank's shards
+            changed = S.local(old[t.name]) ^ S.local(new[t.name])
             if not bool(changed.any()):
                 continue
-            t.param.masked_fill_(changed, 0.0)
+            S.local(t.param).masked_fill_(changed, 0.0)
             if t.param.grad is not None:
-                t.param.grad.masked_fill_(changed, 0.0)
+                S.local(t.param.grad).masked_fill_(changed, 0.0)
             state = self.optimizer.state.get(t.param, {}) if self.optimizer is not None else {}
             for value in state.values():
                 if torch.is_tensor(value) and value.shape == t.param.shape:
-                    value.masked_fill_(changed, 0.0)
+                    S.local(value).masked_fill_(changed, 0.0)
 
     def _sync_masks(self) -> None:
         """Broadcast masks from rank 0 so every data-parallel rank holds the same ones (they are
@@ -270,6 +289,8 @@ class Sparsifier:
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for name, m in self.masks.items():
+                if S.is_sharded(m):  # shards of masks every rank computed alike
+                    continue
                 buf = m.to(torch.uint8)
                 dist.broadcast(buf, src=0)
                 self.masks[name] = buf.bool()
@@ -407,7 +428,7 @@ def parse_n_m(text: str | None) -> tuple[int, int] | None:
 
 def global_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
     total = sum(m.numel() for m in masks.values())
-    return 1.0 - sum(int(m.sum()) for m in masks.values()) / total if total else 0.0
+    return 1.0 - sum(S.count_nonzero(m) for m in masks.values()) / total if total else 0.0
 
 
 __all__ = [

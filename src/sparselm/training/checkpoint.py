@@ -8,6 +8,7 @@ checks the manifest first, so a damaged file is an error naming it, not a NaN lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,10 +20,12 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..data.tokenizer import make_portable
 from ..models.card import write_card
+from .distributed import is_sharded
 from ..files import (MANIFEST, CorruptFileError, Staging, check_mask_counts, read_json, reading, save_torch, verify,
                      write_text)
 
 CHECKPOINT = "checkpoint"
+SHARDED = "dcp"  # the torch.distributed.checkpoint folder of an FSDP checkpoint
 
 
 def _todo(run_dir: Path) -> str:
@@ -42,19 +45,58 @@ def _intact(run_dir: Path) -> str:
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, masks: dict | None, state: dict) -> Path:
+    """Weights, masks and optimizer state as safetensors / torch files, written by one process
+    (single device or rank 0 of DDP, whose replicas are identical)."""
     run_dir = Path(run_dir)
-    final, tmp, old = run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.tmp", run_dir / f"{CHECKPOINT}.old"
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    with Staging(tmp, final, _intact(run_dir)) as stage:
+    with Staging(run_dir / f"{CHECKPOINT}.tmp", run_dir / CHECKPOINT, _intact(run_dir)) as stage:
         stage.write("model.safetensors", lambda path: save_model(model, str(path)))
         if masks:
             stage.write("masks.safetensors", lambda path: save_file(masks, str(path)))
         stage.write("optimizer.pt", lambda path: save_torch(optimizer.state_dict(), path))
-        stage.write("rng.pt", lambda path: save_torch(rng, path))
-        stage.write("trainer_state.json", lambda path: path.write_text(json.dumps(state, indent=2)))
-        stage.seal(masks, step=state["step"])
+        _write_trainer_state(stage, masks, state)
+    return _swap_in(run_dir)
+
+
+def save_sharded_checkpoint(run_dir: Path, model, optimizer, masks: dict | None, state: dict) -> Path | None:
+    """An FSDP checkpoint, written by every rank at once with ``torch.distributed.checkpoint``:
+    each rank writes its shards of the weights, optimizer state and masks into ``dcp/``, with no
+    gather. DCP records the global layout, so the checkpoint loads on any number of ranks (or on
+    one process without FSDP). Rank 0 adds RNG and trainer state, seals and swaps it in as
+    ``save_checkpoint`` does. Every rank must call it; returns the path on rank 0."""
+    import torch.distributed as tdist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from ..sparsity.sharding import count_nonzero
+
+    run_dir = Path(run_dir)
+    rank0 = tdist.get_rank() == 0
+    kept = {k: count_nonzero(m) for k, m in masks.items()} if masks else None  # (collective)
+    stage = Staging(run_dir / f"{CHECKPOINT}.tmp", run_dir / CHECKPOINT, _intact(run_dir))
+    with stage if rank0 else contextlib.nullcontext():
+        tdist.barrier()  # the staging folder is fresh
+        model_state, optim_state = get_state_dict(model, optimizer)
+        stage.current = SHARDED
+        dcp.save({"model": model_state, "optimizer": optim_state, **({"masks": dict(masks)} if masks else {})},
+                 checkpoint_id=str(stage.dir / SHARDED))
+        if rank0:
+            _write_trainer_state(stage, kept, state)
+    tdist.barrier()
+    return _swap_in(run_dir) if rank0 else None
+
+
+def _write_trainer_state(stage: Staging, masks, state: dict) -> None:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    stage.write("rng.pt", lambda path: save_torch(rng, path))
+    stage.write("trainer_state.json", lambda path: path.write_text(json.dumps(state, indent=2)))
+    stage.seal(masks, step=state["step"])
+
+
+def _swap_in(run_dir: Path) -> Path:
+    """Move the sealed ``checkpoint.tmp`` into place, keeping the old one until the new one is there."""
+    final, tmp, old = run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.tmp", run_dir / f"{CHECKPOINT}.old"
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -83,16 +125,17 @@ def load_checkpoint(path: Path, model, optimizer, map_location="cpu") -> tuple[d
     path = Path(path)
     todo = _todo(path.parent)
     manifest = verify(path, todo) or {}
+    if (path / SHARDED).is_dir():
+        return _load_sharded(path, model, optimizer, manifest, todo)
+    if is_sharded(model):
+        raise ValueError(f"{path} was saved without FSDP (one file per tensor); resume it with --parallel ddp "
+                         "(or on one process)")
     with reading(path / "model.safetensors", todo):
         load_model(model, str(path / "model.safetensors"), device=str(map_location))
     with reading(path / "optimizer.pt", todo):
         optimizer_state = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
     optimizer.load_state_dict(optimizer_state)
-    with reading(path / "rng.pt", todo):
-        rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    _restore_rng(path, todo)
     masks = None
     if (path / "masks.safetensors").exists():
         with reading(path / "masks.safetensors", todo):
@@ -100,6 +143,43 @@ def load_checkpoint(path: Path, model, optimizer, map_location="cpu") -> tuple[d
         check_mask_counts(masks, manifest.get("mask_kept", {}), path / "masks.safetensors", str(path / MANIFEST), todo)
     state = read_json(path / "trainer_state.json", todo)
     return masks, state
+
+
+def _restore_rng(path: Path, todo: str) -> None:
+    with reading(path / "rng.pt", todo):
+        rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _load_sharded(path: Path, model, optimizer, manifest: dict, todo: str) -> tuple[dict | None, dict]:
+    """A DCP checkpoint into this process's model and optimizer, sharded (FSDP, any number of ranks)
+    or not (one process, or DDP): DCP reads each rank's part of every tensor. Masks come back laid
+    out like the weights (DTensors under FSDP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from ..sparsity.sharding import count_nonzero, shard_like
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    kept = manifest.get("mask_kept") or {}
+    params = dict(model.named_parameters())
+    masks = {k: shard_like(torch.zeros(params[k].shape, dtype=torch.bool), params[k]) for k in kept if k in params}
+    if len(masks) != len(kept):
+        raise ValueError(f"{path} has masks for {sorted(set(kept) - set(masks))[:3]}, which this model does not have")
+    state = {"model": model_state, "optimizer": optim_state, **({"masks": masks} if masks else {})}
+    import torch.distributed as tdist
+
+    with reading(path / SHARDED, todo):
+        dcp.load(state, checkpoint_id=str(path / SHARDED), no_dist=not tdist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    _restore_rng(path, todo)
+    for name, mask in masks.items():
+        if count_nonzero(mask) != kept[name]:
+            raise CorruptFileError(f"{path / SHARDED}: layer {name} keeps {count_nonzero(mask)} weights, but "
+                                   f"{path / MANIFEST} records {kept[name]}; {todo}")
+    return masks or None, read_json(path / "trainer_state.json", todo)
 
 
 def save_run(out: Path, model, save_tokenizer: Callable[[Path], object], masks: dict | None, summary: dict,

@@ -39,6 +39,7 @@ DEFAULT_TRAINING = _SMALL  # presets registered later without their own entry
 # step budget, changing it on purpose: the LR schedule follows the new value).
 RESUMABLE_CHANGES = {"optim.max_steps", "optim.epochs", "run.eval_every", "run.ckpt_every", "run.log_every",
                      "run.device", "run.compile", "run.out", "run.progress", "run.keep_checkpoint", "run.report_to",
+                     "run.parallel", "run.activation_checkpointing", "run.loss_chunk", "run.kernel", "run.peak_tflops",
                      "data.workers"}
 
 
@@ -196,6 +197,17 @@ class RunConfig:
     dtype: str = option("auto", "autocast dtype (auto: bf16 on CUDA, fp32 on CPU)",
                         choices=("auto", "float32", "bfloat16", "float16"))
     compile: bool = option(False, "torch.compile the model for training")
+    parallel: str = option("ddp", "data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2: weights, "
+                                  "gradients, optimizer state and masks sharded across ranks)", choices=("ddp", "fsdp"))
+    activation_checkpointing: bool = option(False, "recompute each block's activations in the backward (less memory, "
+                                                   "about a third more compute)")
+    loss_chunk: int = option(4096, "tokens per chunk of the cross-entropy: logits are upcast to fp32 one chunk at a "
+                                   "time, never all at once (0 = one chunk)", lo=0)
+    kernel: str = option("dense", "kernels of the masked linears: dense (masked dense weights) or semi-structured "
+                                  "(PyTorch's 2:4 sparse kernels; sparsity.n_m=2:4 on a CUDA GPU with sm80+, else "
+                                  "dense with a warning)", choices=("dense", "semi-structured"))
+    peak_tflops: float | None = option(None, "the device's peak TFLOP/s for MFU (default: looked up for known GPUs; "
+                                             "MFU is not logged without one)", lo=0.0, lo_open=True)
     log_every: int = option(10, "steps between training-loss log rows", lo=1)
     eval_every: int | None = option(None, "steps between validation evaluations", lo=1)
     eval_batches: int = option(20, "validation batches per evaluation (pre-training)", lo=1)

@@ -27,7 +27,8 @@ from ..sparsity import Static
 from .checkpoint import save_run
 from .config import FINETUNE_MODES as MODES
 from .config import FinetuneConfig
-from .loop import Phase, StepCost, Trainer, autocast_for, new_state, start_run, restore, train
+from . import distributed
+from .loop import Phase, StepCost, Trainer, autocast_for, new_state, prepare_model, restore, start_run, train
 from .lock import writes_run
 from .optim import adamw, linear_lr
 
@@ -77,6 +78,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = 
     torch.manual_seed(cfg.run.seed)
 
     model.to(device)
+    if mode == "lora" and dist.enabled and cfg.run.parallel == "fsdp":
+        raise ValueError("LoRA fine-tuning runs with --parallel ddp (its adapters are small; FSDP would only shard the frozen base)")
+    prepare_model(model, cfg.run, device, dist)  # (FSDP shards it: masks and optimizer come after)
     sparsifier = None
     masked_weights = 0
     if mode == "sparse":
@@ -104,7 +108,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = 
 
     def evaluate(m) -> float:
         with autocast:
-            return validation_loss(m, val_set, cfg.optim.batch_size, pad, device)
+            return validation_loss(m, val_set, cfg.optim.batch_size, pad, device, chunk=cfg.run.loss_chunk)
 
     if state["initial_val_loss"] is None:
         state["initial_val_loss"] = evaluate(model)
@@ -127,7 +131,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = 
         name=f"finetune {cfg.data.task} ({mode})",
         total_steps=total_steps,
         batch=batch,
-        loss=lambda m, b: target_loss(m, *b),
+        loss=lambda m, b: target_loss(m, *b, chunk=cfg.run.loss_chunk),
         lr=lambda step: linear_lr(step, cfg.optim.lr, warmup, total_steps),
         evaluate=evaluate,
         cost=lambda step: step_cost,
@@ -138,9 +142,12 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = 
 
     if sparsifier is not None:
         sparsifier.check()
-    final = model.merge_and_unload() if mode == "lora" else model
+    if distributed.is_sharded(model):
+        final = distributed.full_model(model)  # (every rank; None but on rank 0)
+    else:
+        final = model.merge_and_unload() if mode == "lora" else model
     revived = 0
-    if masks is not None and mode == "dense":
+    if masks is not None and mode == "dense" and final is not None:
         named = dict(final.named_parameters())
         revived = sum(int(torch.count_nonzero(named[k].detach().cpu()[~m])) for k, m in masks.items() if k in named)
     summary = {
@@ -172,9 +179,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = 
                           "example": train_pairs[0][0] if train_pairs else ""},
         "command": invocation(),
     }
+    final_masks = sparsifier.state_dict() if sparsifier is not None else None  # (gathers shards: every rank)
     if dist.is_main:
         final.generation_config = DecodingConfig().generation_config(tokenizer.eos_token_id)
-        save_run(out, final, lambda d: tokenizer.save_pretrained(str(d)),
-                 sparsifier.state_dict() if sparsifier is not None else None, summary,
+        save_run(out, final, lambda d: tokenizer.save_pretrained(str(d)), final_masks, summary,
                  adapter=model if mode == "lora" else None, keep_checkpoint=cfg.run.keep_checkpoint)
     return summary

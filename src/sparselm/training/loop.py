@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from ..files import MANIFEST, read_json
 from . import distributed
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
+from .. import flops
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint, truncate_metrics
 from .config import RESUMABLE_CHANGES, RunConfig
 from .reporting import Reporters, parse_report_to
 
@@ -86,10 +87,17 @@ class Trainer:
     out: Path
     autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
     train_model: torch.nn.Module | None = None  # compiled and/or DDP-wrapped model for the forward
+    peak_flops: float | None = None  # the device's peak FLOP/s, for MFU
 
     def __post_init__(self):
         if self.train_model is None:
             self.train_model = wrap_model(self.model, self.run, self.device, self.dist)
+        if self.peak_flops is None:
+            self.peak_flops = device_peak_flops(self.device, self.run)
+
+    @property
+    def sharded(self) -> bool:
+        return distributed.is_sharded(self.model)
 
 
 # ---- setup ---------------------------------------------------------------------------------------
@@ -100,13 +108,51 @@ def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
 
+def prepare_model(model: torch.nn.Module, run: RunConfig, device: torch.device, dist: distributed.Dist) -> torch.nn.Module:
+    """What changes the model's own parameters or modules, before the optimizer and the sparsifier
+    see them: activation checkpointing per block, then FSDP2 sharding (``run.parallel=fsdp`` under
+    torchrun; the parameters become DTensors)."""
+    if run.activation_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if dist.enabled and run.parallel == "fsdp":
+        distributed.shard_model(model, device, run.dtype, dist)
+    return model
+
+
 def wrap_model(model: torch.nn.Module, run: RunConfig, device: torch.device, dist: distributed.Dist) -> torch.nn.Module:
-    """``torch.compile`` (any device) then DDP under torchrun: PyTorch's own engines."""
+    """``torch.compile`` (any device), then DDP under torchrun unless FSDP already shards the model:
+    PyTorch's own engines."""
     train_model = torch.compile(model) if run.compile else model
-    if dist.enabled:
+    if dist.enabled and not distributed.is_sharded(model):
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     return train_model
+
+
+def device_peak_flops(device: torch.device, run: RunConfig) -> float | None:
+    """Peak FLOP/s for MFU: ``run.peak_tflops``, else the table in ``sparselm.flops`` for known GPUs."""
+    if run.peak_tflops:
+        return run.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    dtype = {"auto": "bfloat16"}.get(run.dtype, run.dtype)
+    return flops.peak_flops(torch.cuda.get_device_name(device), dtype)
+
+
+def device_warnings(run: RunConfig, device: torch.device, dist: distributed.Dist) -> list[str]:
+    """Options that do nothing on this device or launch, said once instead of ignored silently."""
+    out = []
+    if run.parallel == "fsdp" and not dist.enabled:
+        out.append("run.parallel=fsdp has no effect in a single process (launch with torchrun --nproc_per_node N)")
+    if run.kernel == "semi-structured" and device.type != "cuda":
+        out.append(f"run.kernel=semi-structured needs a CUDA GPU; on {device.type} the masked linears run dense kernels")
+    if run.dtype == "float16" and device.type == "cpu":
+        out.append("run.dtype=float16 on the CPU is slow and has no loss scaling; use bfloat16")
+    return out
 
 
 def check_run_dir(out: Path, resume: bool) -> Path | None:
@@ -138,12 +184,17 @@ def start_run(cfg, resume: bool, progress: bool | None, log) -> RunStart:
     device = distributed.pick_device(cfg.run.device)
     dist = distributed.setup(device)
     log = log if dist.is_main else (lambda *a, **k: None)
+    if device.type == "cuda":  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    for warning in device_warnings(cfg.run, device, dist):
+        if dist.is_main:
+            logger.warning(f"warning: {warning}")
     out = Path(cfg.run.out)
-    checkpoint, finished = open_run_dir(out, cfg.to_dict(), resume, log)
+    checkpoint, finished = open_run_dir(out, cfg.to_dict(), resume, log, dist.world_size)
     return RunStart(out, device, dist, log, checkpoint, finished)
 
 
-def open_run_dir(out: Path, config: dict, resume: bool, log) -> tuple[Path | None, dict | None]:
+def open_run_dir(out: Path, config: dict, resume: bool, log, world_size: int = 1) -> tuple[Path | None, dict | None]:
     """(checkpoint to resume from, or None; the summary of a finished run when there is nothing to
     do). A resumed run must have the same config; a finished one resumed with the same step budget
     is left as it is."""
@@ -151,7 +202,8 @@ def open_run_dir(out: Path, config: dict, resume: bool, log) -> tuple[Path | Non
     finished = out / "summary.json"
     if checkpoint is None and not (resume and finished.exists()):
         return None, None
-    saved = check_resume_config(out / "train_config.json", config, log)
+    saved_world = read_json(checkpoint / "trainer_state.json").get("world_size", 1) if checkpoint is not None else 1
+    saved = check_resume_config(out / "train_config.json", config, log, (saved_world, world_size))
     if resume and finished.exists():
         budget = lambda c: (_flat(c).get("optim.max_steps"), _flat(c).get("optim.epochs"))  # noqa: E731
         if checkpoint is None and budget(saved) != budget(config):
@@ -164,14 +216,20 @@ def open_run_dir(out: Path, config: dict, resume: bool, log) -> tuple[Path | Non
     return checkpoint, None
 
 
-def check_resume_config(saved_path: Path, current: dict, log) -> dict:
-    """A resumed run must continue the same trajectory: only RESUMABLE_CHANGES may differ."""
+def check_resume_config(saved_path: Path, current: dict, log, world_sizes: tuple[int, int] = (1, 1)) -> dict:
+    """A resumed run must continue the same trajectory: only RESUMABLE_CHANGES may differ, and
+    ``optim.grad_accum`` when it keeps the global batch (grad_accum x ranks; ``world_sizes`` is
+    (saved, now)): a run saved on 2 ranks resumes on 1 with twice the micro-batches and reads the
+    same data (``sparselm.data.get_batch`` indexes micro-batches globally)."""
     try:
         saved = read_json(saved_path, "cannot resume this run: restore it from a copy or start a new run")
     except FileNotFoundError:
         raise RunExistsError(f"{saved_path} is missing: cannot check that the resumed run has the same config") from None
+    accum = [_flat(c).get("optim.grad_accum") for c in (saved, current)]
+    same_batch = None not in accum and accum[0] * world_sizes[0] == accum[1] * world_sizes[1]
     diffs = [k for k in sorted(set(_flat(saved)) | set(_flat(current)))
-             if k not in RESUMABLE_CHANGES and _flat(saved).get(k) != _flat(current).get(k)]
+             if k not in RESUMABLE_CHANGES and _flat(saved).get(k) != _flat(current).get(k)
+             and not (k == "optim.grad_accum" and same_batch)]
     if diffs:
         k = diffs[0]
         raise ValueError(f"cannot resume: the config differs from the run's {saved_path.name} in {diffs} "
@@ -180,6 +238,10 @@ def check_resume_config(saved_path: Path, current: dict, log) -> dict:
     for k in ("optim.max_steps", "optim.epochs"):
         if _flat(saved).get(k) != _flat(current).get(k):
             log(f"note: {k} changed {_flat(saved).get(k)} -> {_flat(current).get(k)}; the LR schedule follows the new value")
+    if None not in accum and not same_batch:
+        log(f"note: saved on {world_sizes[0]} rank(s) x grad_accum {accum[0]}, resumed on {world_sizes[1]} x "
+            f"{accum[1]}: the global batch changes (keep grad_accum x ranks = {accum[0] * world_sizes[0]} to continue "
+            "the same trajectory)")
     return saved
 
 
@@ -200,9 +262,10 @@ def restore(trainer: Trainer, checkpoint: Path | None, resume: bool, state: dict
         masks, state = load_checkpoint(checkpoint, trainer.model, trainer.optimizer, map_location=trainer.device)
         if trainer.sparsifier is not None and not trainer.sparsifier.released(state["step"]):
             trainer.sparsifier.load_state_dict(masks)  # (in a dense tail the weights are no longer masked)
-        truncate_metrics(metrics, state["step"])
+        if trainer.dist.is_main:
+            truncate_metrics(metrics, state["step"])
         log(f"resumed from {checkpoint} at step {state['step']}")
-    elif resume and metrics.exists():
+    elif resume and metrics.exists() and trainer.dist.is_main:
         truncate_metrics(metrics, 0)  # rows of an attempt killed before its first checkpoint
         log(f"no checkpoint in {trainer.out}; starting the run again")
     return state
@@ -258,9 +321,13 @@ def train(phase: Phase, trainer: Trainer, state: dict, log=logger.info) -> float
             metrics.log(row)
 
     def save() -> None:
-        if dist.is_main:
-            masks = trainer.sparsifier.state_dict() if trainer.sparsifier is not None else None
-            save_checkpoint(out, trainer.model, trainer.optimizer, masks, dict(state))
+        saved_state = dict(state, world_size=dist.world_size)
+        masks = trainer.sparsifier.masks if trainer.sparsifier is not None else None
+        if trainer.sharded:  # every rank writes its shards
+            save_sharded_checkpoint(out, trainer.model, trainer.optimizer, masks, saved_state)
+        elif dist.is_main:
+            masks = trainer.sparsifier.state_dict() if masks is not None else None
+            save_checkpoint(out, trainer.model, trainer.optimizer, masks, saved_state)
 
     bar = tqdm(total=phase.total_steps, initial=state["step"], disable=not (run.progress and dist.is_main),
                desc=phase.name, unit="step")
@@ -287,10 +354,13 @@ def train(phase: Phase, trainer: Trainer, state: dict, log=logger.info) -> float
                     now = time.time()
                     tps = (state["tokens_seen"] - tok_last) / max(now - t_last, 1e-9)
                     t_last, tok_last = now, state["tokens_seen"]
+                    mfu = flops.mfu(cost.dense_flops_per_token, tps / dist.world_size, trainer.peak_flops)
                     log_row({"step": step, "loss": round(train_loss, 5), "lr": phase.lr(step - 1),
                              "tokens": state["tokens_seen"], "tokens_per_s": round(tps, 1),
+                             **({"mfu": round(mfu, 4)} if mfu is not None else {}),
                              "train_flops": state["train_flops"], **phase.log_fields(step)})
-                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}")
+                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}",
+                                    **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
                 if step % run.eval_every == 0 or step == phase.total_steps:
                     val_loss = phase.evaluate(trainer.model)
                     log_row({"step": step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(val_loss), 3)})

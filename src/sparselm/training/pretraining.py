@@ -9,7 +9,6 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import flops
 from ..data import eval_batches, get_batch, prepare_corpus
@@ -17,10 +16,15 @@ from ..data.paths import default_corpus
 from ..data.tokenizer import save_hf_tokenizer
 from ..models import build_model, load_model
 from ..models.card import invocation
+from ..models.loss import chunked_cross_entropy
 from ..sparsity import global_sparsity
+from ..sparsity.semi_structured import use_semi_structured
+from ..sparsity.sharding import count_nonzero
 from .checkpoint import save_run
 from .config import PretrainConfig
-from .loop import Phase, RunExistsError, StepCost, Trainer, autocast_for, new_state, start_run, restore, train
+from . import distributed
+from .loop import (Phase, RunExistsError, StepCost, Trainer, autocast_for, new_state, prepare_model, restore, start_run,
+                   train)
 from .lock import writes_run
 from .optim import adamw, cosine_lr
 
@@ -34,30 +38,25 @@ def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def real_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
-    """The logits of the tokenizer's ``vocab_size`` tokens, as (N, V): the rows the model's
-    vocabulary was padded with (to a multiple of 64) are never predicted."""
-    if vocab_size is not None and vocab_size < logits.size(-1):
-        logits = logits[..., :vocab_size]
-    return logits.float().reshape(-1, logits.size(-1))
-
-
-def next_token_loss(model, batch, vocab_size: int | None = None) -> torch.Tensor:
+def next_token_loss(model, batch, vocab_size: int | None = None, chunk: int = 4096) -> torch.Tensor:
+    """Mean next-token cross-entropy over the tokenizer's ``vocab_size`` tokens (the rows the model's
+    vocabulary was padded with, to a multiple of 64, are never predicted), ``chunk`` tokens of the
+    logits upcast to fp32 at a time: never an fp32 copy of them all."""
     x, y = batch
     logits = model(input_ids=x).logits
-    return F.cross_entropy(real_logits(logits, vocab_size), y.reshape(-1))
+    return chunked_cross_entropy(logits, y, vocab_size, chunk=chunk)
 
 
 @torch.no_grad()
 def evaluate_loss(model, tokens, batch_size: int, block_size: int, n_batches: int, device, autocast,
-                  vocab_size: int | None = None) -> float:
+                  vocab_size: int | None = None, chunk: int = 4096) -> float:
     model.eval()
     total, count = 0.0, 0
     for x, y in eval_batches(tokens, batch_size, block_size, n_batches):
         x, y = x.to(device), y.to(device)
         with autocast:
             logits = model(input_ids=x).logits
-        total += F.cross_entropy(real_logits(logits, vocab_size), y.reshape(-1), reduction="sum").item()
+        total += chunked_cross_entropy(logits, y, vocab_size, chunk=chunk, reduction="sum").item()
         count += y.numel()
     model.train()
     return total / count
@@ -97,10 +96,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
         model = build_model(shape, corpus.eos_id).to(device)
         save_tokenizer = functools.partial(save_hf_tokenizer, corpus.dir / "tokenizer.json",
                                            model_max_length=shape.block_size, eos_token=corpus.eos_token)
+    prepare_model(model, cfg.run, device, dist)  # (FSDP shards it: optimizer and masks come after)
     optimizer = adamw(model, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), device.type)
     sparsifier = cfg.sparsity.build(cfg.optim.max_steps, cfg.run.seed)
     if sparsifier is not None:
         sparsifier.attach(model, optimizer)
+    if cfg.run.kernel == "semi-structured" and device.type == "cuda":  # (elsewhere start_run said it does not apply)
+        use_semi_structured(model, sparsifier, cfg.run.dtype, log=logger.warning)
     trainer = Trainer(model, optimizer, sparsifier, device, dist, cfg.run, out, autocast_for(device, cfg.run.dtype))
     state = restore(trainer, checkpoint, resume, new_state(), log)
     if dist.is_main:
@@ -116,23 +118,23 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
         if sparsifier is None or sparsifier.released(step):  # dense run, or Variable SPDF's dense tail
             return StepCost(dense_fpt, dense_fpt, float(n_params))
         if masks_cost.get("masks") is not sparsifier.masks:  # recomputed only when masks move
-            pruned = sum(m.numel() - int(m.sum()) for m in sparsifier.masks.values())
+            pruned = sum(m.numel() - count_nonzero(m) for m in sparsifier.masks.values())
             masks_cost.update(masks=sparsifier.masks, densities=sparsifier.densities(), nonzero=float(n_params - pruned))
         dense_grad = sparsifier.dense_gradient_step(step)  # RigL reads the dense gradient
         fpt = flops.train_flops_per_token(shape, masks_cost["densities"], dense_weight_grad=dense_grad)
         return StepCost(fpt, dense_fpt, masks_cost["nonzero"])
 
     autocast = trainer.autocast
-    rank_seed = cfg.run.seed + 7919 * dist.rank
+    micro_batches = cfg.optim.grad_accum * dist.world_size  # per step, over all ranks
     phase = Phase(
         name="pretrain",
         total_steps=cfg.optim.max_steps,
-        batch=lambda step, micro: get_batch(train_tokens, cfg.optim.batch_size, shape.block_size, rank_seed,
-                                            step * cfg.optim.grad_accum + micro, device),
-        loss=functools.partial(next_token_loss, vocab_size=corpus.vocab_size),
+        batch=lambda step, micro: get_batch(train_tokens, cfg.optim.batch_size, shape.block_size, cfg.run.seed,
+                                            step * micro_batches + micro * dist.world_size + dist.rank, device),
+        loss=functools.partial(next_token_loss, vocab_size=corpus.vocab_size, chunk=cfg.run.loss_chunk),
         lr=lambda step: cosine_lr(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio),
         evaluate=lambda m: evaluate_loss(m, val_tokens, cfg.optim.batch_size, shape.block_size, cfg.run.eval_batches,
-                                         device, autocast, corpus.vocab_size),
+                                         device, autocast, corpus.vocab_size, cfg.run.loss_chunk),
         cost=cost,
         grad_accum=cfg.optim.grad_accum,
         grad_clip=cfg.optim.grad_clip,
@@ -169,10 +171,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
                 f"tokenizer {corpus.tokenizer_source} ({corpus.vocab_size:,} tokens)",
         "command": invocation(),
     }
+    masks = sparsifier.state_dict() if sparsifier is not None and not ended_dense else None  # (gathers shards)
+    whole = distributed.full_model(model) if distributed.is_sharded(model) else model  # (every rank)
     if dist.is_main:
-        save_run(out, model, lambda d: save_tokenizer(out_dir=d),
-                 sparsifier.state_dict() if sparsifier is not None and not ended_dense else None, summary,
-                 keep_checkpoint=cfg.run.keep_checkpoint)
+        save_run(out, whole, lambda d: save_tokenizer(out_dir=d), masks, summary, keep_checkpoint=cfg.run.keep_checkpoint)
     return summary
 
 
