@@ -128,13 +128,15 @@ def test_signals_to_a_training_process_save_a_checkpoint_and_exit_cleanly(small_
 
 
 @pytest.mark.slow
-def test_finetune_under_torchrun_ddp(sparse_run, tmp_path, cache_dir):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_finetune_under_torchrun(sparse_run, tmp_path, cache_dir, parallel):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    out = tmp_path / "ddp-ft"
+    out = tmp_path / f"{parallel}-ft"
     env = dict(os.environ, SPARSELM_CACHE=str(cache_dir), OMP_NUM_THREADS="1")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "sparselm", "finetune", "--from", str(sparse_run),
            "--out", str(out), "--mode", "sparse", "--max-steps", "8", "--batch-size", "8", "--limit-train", "64",
-           "--device", "cpu", "--no-progress", "--set", "data.val_limit=16", "--set", "run.eval_every=4"]
+           "--device", "cpu", "--no-progress", "--set", "data.val_limit=16", "--set", "run.eval_every=4",
+           "--parallel", parallel]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
