@@ -139,7 +139,7 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_siz
 def target_loss(model, ids, labels, mask, reduction="mean", chunk: int = 4096):
     """Next-token cross-entropy on target tokens only (``chunked_cross_entropy``, ``chunk`` tokens
     at a time)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     # the label of position i is token i + 1; the last position has none (-100): the logits stay
     # whole, where slicing off the last position would copy them all
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)

@@ -150,7 +150,7 @@ class Sparsifier:
                                  else torch.zeros_like(t.param) for t in self.targets}
         for t in self.targets:
             if t.param.grad is not None:
-                S.local(t.param.grad).mul_(S.local(self.masks[t.name]))
+                S.local(t.param.grad).mul_(S.local(self.masks[t.name]).view(torch.uint8))  # (a bool mask is cast each time)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -195,7 +195,7 @@ class Sparsifier:
     @torch.no_grad()
     def apply_masks(self) -> None:
         for t in self.targets:
-            S.local(t.param).mul_(S.local(self.masks[t.name]))
+            S.local(t.param).mul_(S.local(self.masks[t.name]).view(torch.uint8))
 
     @torch.no_grad()
     def check(self) -> None:

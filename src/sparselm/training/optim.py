@@ -12,7 +12,9 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+    # fused on CPU too: about 3x faster there, and it does not slow down on the pruned weights' zero second
+    # moments as the for-each kernel's sqrt does (benchmarks/cpu_reference.py)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
 def cosine_lr(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:

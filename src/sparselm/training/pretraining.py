@@ -43,7 +43,7 @@ def next_token_loss(model, batch, vocab_size: int | None = None, chunk: int = 40
     vocabulary was padded with, to a multiple of 64, are never predicted), ``chunk`` tokens of the
     logits upcast to fp32 at a time: never an fp32 copy of them all."""
     x, y = batch
-    logits = model(input_ids=x).logits
+    logits = model(input_ids=x, use_cache=False).logits  # (no K/V cache: nothing generates here)
     return chunked_cross_entropy(logits, y, vocab_size, chunk=chunk)
 
 
@@ -55,7 +55,7 @@ def evaluate_loss(model, tokens, batch_size: int, block_size: int, n_batches: in
     for x, y in eval_batches(tokens, batch_size, block_size, n_batches):
         x, y = x.to(device), y.to(device)
         with autocast:
-            logits = model(input_ids=x).logits
+            logits = model(input_ids=x, use_cache=False).logits
         total += chunked_cross_entropy(logits, y, vocab_size, chunk=chunk, reduction="sum").item()
         count += y.numel()
     model.train()
