@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sparselm.models import build_model, get_preset
-from sparselm.sparsity import Schedule, make_sparsifier
+from sparselm.sparsity import Schedule, make_sparsifier, sharding
 from sparselm.training.distributed import Dist, shard_model
 from sparselm.training.optim import adamw
 from sparselm.training.pretraining import next_token_loss
@@ -70,6 +70,15 @@ def _worker(rank, args, port, queue):
         key = "update" if sp.is_update_step(step) else "hooks"
         times[key].append((t2 - t1) + (t4 - t3))
         times["step"].append(t4 - t0)
+    # the communication part of an update alone: weights, masks and gradients of every masked layer gathered
+    next_token_loss(model, (x[:, :-1], x[:, 1:])).backward()
+    for _ in range(3):
+        sync()
+        t0 = time.perf_counter()
+        for t in sp.targets:
+            sharding.full(t.param.detach()), sharding.full(sp.masks[t.name]), sharding.full(t.param.grad)
+        sync()
+        times.setdefault("gather", []).append(time.perf_counter() - t0)
     if rank == 0:
         queue.put({k: statistics.median(v) if v else float("nan") for k, v in times.items()} | {"device": str(device)})
     dist.destroy_process_group()
@@ -101,6 +110,7 @@ def main() -> None:
     print(f"| {'training step (median)':<44} | {step * 1e3:9.1f} | {100:9.1f} |")
     print(f"| {'mask hooks on local shards (normal step)':<44} | {r['hooks'] * 1e3:9.2f} | {100 * r['hooks'] / step:9.2f} |")
     print(f"| {'mask update step (gather + recompute)':<44} | {r['update'] * 1e3:9.2f} | {100 * r['update'] / step:9.2f} |")
+    print(f"| {'  of which gathering weights, masks, grads':<44} | {r['gather'] * 1e3:9.2f} | {100 * r['gather'] / step:9.2f} |")
     print(f"| {'update amortised over update_every=' + str(args.update_every):<44} | "
           f"{r['update'] / args.update_every * 1e3:9.2f} | {100 * r['update'] / args.update_every / step:9.2f} |")
 
