@@ -101,16 +101,17 @@ def _sharded_worker(rank, world, port, out):
     sharding.full = lambda t: (gathers.append(1), real_full(t))[1]
     results = {}
     mesh = init_device_mesh("cpu", (world,))
-    for cls in (Static, GMP, SET, RigL):
+    for name, cls, extra in (("static", Static, {}), ("gmp", GMP, {}), ("set", SET, {}), ("rigl", RigL, {}),
+                             ("2:4", Static, {"n_m": (2, 4)})):
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 30), torch.nn.ReLU(), torch.nn.Linear(30, 16))
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
         reference = [p.detach().clone() for p in model.parameters()]
         for layer in (model[0], model[2]):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         kw = {} if cls is Static else {"schedule": Schedule.of(20, update_every=5, start=0.0, end=0.8)}
-        sp = cls(0.75, include=["*"], exclude=[], **kw).attach(model, opt)
+        sp = cls(0.75, include=["*"], exclude=[], **kw, **extra).attach(model, opt)
         placed = all(isinstance(m, DTensor) and m.placements == t.param.placements and m.to_local().shape == t.param.to_local().shape
                      for t, m in ((t, sp.masks[t.name]) for t in sp.targets))
         g = torch.Generator().manual_seed(rank)
@@ -128,11 +129,12 @@ def _sharded_worker(rank, world, port, out):
         sp.check()
         full_masks = sp.state_dict()
         zeros_ok = all(bool((real_full(t.param.detach())[~full_masks[t.name]] == 0).all()) for t in sp.targets)
-        results[cls.name] = {
+        results[name] = {
             "placed": placed, "zeros_ok": zeros_ok, "sparsity": [1 - float(m.float().mean()) for m in full_masks.values()],
             "gather_steps": [s for s, n in enumerate(per_step) if n],
             "update_steps": [s for s in range(20) if sp.is_update_step(s)],
             "report": sp.report()["measured"],
+            "two_of_four": all(bool((m.reshape(m.shape[0], -1, 4).sum(-1) == 2).all()) for m in full_masks.values()),
         }
         del reference
     if rank == 0:
@@ -141,15 +143,17 @@ def _sharded_worker(rank, world, port, out):
 
 
 def test_sharded_masks_follow_their_parameters(tmp_path):
-    """Under FSDP2 every method keeps masks as DTensors placed like their weights, keeps exact
-    per-layer sparsity, zeroes pruned weights on each rank's shard, and gathers whole tensors only
-    on mask-update steps (never on the hot path)."""
+    """Under FSDP2 every method (static, GMP, SET, RigL, N:M) keeps masks as DTensors placed like
+    their weights, keeps exact per-layer sparsity, zeroes pruned weights on each rank's shard, and
+    gathers whole tensors only on mask-update steps (never on the hot path)."""
     out = tmp_path / "r.pt"
     mp.spawn(_sharded_worker, args=(2, 29400 + os.getpid() % 500, str(out)), nprocs=2, join=True)
     results = torch.load(out)
     for name, r in results.items():
+        target = 0.5 if name == "2:4" else 0.75
         assert r["placed"] and r["zeros_ok"], name
-        assert r["sparsity"] == [pytest.approx(0.75, abs=1 / 480)] * 2, name  # round(0.75 * 480) zeros each
-        assert r["report"] == pytest.approx(0.75, abs=1e-3)
+        assert r["sparsity"] == [target] * 2, name  # exactly round(s * 512) zeros in each layer
+        assert r["report"] == pytest.approx(target, abs=1e-6)
         assert r["gather_steps"] == r["update_steps"], name
+    assert results["2:4"]["two_of_four"]  # 2 kept in every group of 4 inputs, across the shards
     assert results["static"]["update_steps"] == [] and results["rigl"]["update_steps"] == [5, 10, 15]
