@@ -384,7 +384,7 @@ def test_model_vocab_is_padded_and_padding_rows_are_not_predicted():
             super().__init__()
             self.logits = logits
 
-        def forward(self, input_ids):
+        def forward(self, input_ids, **hf_kwargs):  # (use_cache=False, as HF models take)
             return type("Out", (), {"logits": self.logits})
 
     logits = torch.randn(2, 5, 128)
