@@ -62,11 +62,6 @@ def all_reduce_max(value: float, d: Dist, device) -> float:
     return float(t.item())
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        dist.barrier()
-
-
 # ---- FSDP2 ----------------------------------------------------------------------------------------
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``fully_shard`` has sharded the model's parameters (DTensors)."""
