@@ -222,7 +222,7 @@ class Sparsifier:
             "target": self.sparsity,
             "measured": global_sparsity(self.masks),
             "masked_params": total,
-            "nonzero_masked_params": sum(int(m.sum()) for m in self.masks.values()),
+            "nonzero_masked_params": sum(S.count_nonzero(m) for m in self.masks.values()),
             "schedule": self.schedule.to_dict() if self.schedule is not None else None,
             "dense_from_step": self.dense_from,
             "options": dataclasses.asdict(self.options),

@@ -162,6 +162,9 @@ def _load_sharded(path: Path, model, optimizer, manifest: dict, todo: str) -> tu
 
     from ..sparsity.sharding import count_nonzero, shard_like
 
+    if not manifest:
+        raise CorruptFileError(f"{path} has no {MANIFEST}: the sharded checkpoint cannot be checked, nor its masks "
+                               f"found; {todo}")
     model_state, optim_state = get_state_dict(model, optimizer)
     kept = manifest.get("mask_kept") or {}
     params = dict(model.named_parameters())

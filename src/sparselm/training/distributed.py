@@ -43,6 +43,8 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} asked for, but CUDA is not available; use --device cpu")
+    if name == "cuda":  # under torchrun, each rank its own GPU
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return torch.device(name)
 
 
@@ -106,7 +108,11 @@ def full_model(model: torch.nn.Module) -> torch.nn.Module | None:
         copy = transformers.AutoModelForCausalLM.from_config(model.config)
     copy.load_state_dict(state, strict=False, assign=True)
     copy.tie_weights()
-    missing = [n for n, p in copy.named_parameters() if p.is_meta]
+    for name, buffer in model.named_buffers():  # (not sharded; non-persistent ones, e.g. RoPE's, are not in the state)
+        owner, _, leaf = name.rpartition(".")
+        copy.get_submodule(owner).register_buffer(leaf, buffer.detach().cpu().clone(),
+                                                   persistent=leaf not in copy.get_submodule(owner)._non_persistent_buffers_set)
+    missing = [n for n, p in [*copy.named_parameters(), *copy.named_buffers()] if p.is_meta]
     if missing:
         raise RuntimeError(f"gathering the sharded model left {missing[:3]} unset")
     return copy.eval()

@@ -184,7 +184,7 @@ def start_run(cfg, resume: bool, progress: bool | None, log) -> RunStart:
     device = distributed.pick_device(cfg.run.device)
     dist = distributed.setup(device)
     log = log if dist.is_main else (lambda *a, **k: None)
-    if device.type == "cuda":  # TF32 for any fp32 matmul left outside autocast
+    if device.type == "cuda" and cfg.run.dtype != "float32":  # TF32 for fp32 matmuls left outside autocast
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for warning in device_warnings(cfg.run, device, dist):
         if dist.is_main:
@@ -202,7 +202,7 @@ def open_run_dir(out: Path, config: dict, resume: bool, log, world_size: int = 1
     finished = out / "summary.json"
     if checkpoint is None and not (resume and finished.exists()):
         return None, None
-    saved_world = read_json(checkpoint / "trainer_state.json").get("world_size", 1) if checkpoint is not None else 1
+    saved_world = read_json(checkpoint / "trainer_state.json" if checkpoint is not None else finished).get("world_size")
     saved = check_resume_config(out / "train_config.json", config, log, (saved_world, world_size))
     if resume and finished.exists():
         budget = lambda c: (_flat(c).get("optim.max_steps"), _flat(c).get("optim.epochs"))  # noqa: E731
@@ -216,17 +216,19 @@ def open_run_dir(out: Path, config: dict, resume: bool, log, world_size: int = 1
     return checkpoint, None
 
 
-def check_resume_config(saved_path: Path, current: dict, log, world_sizes: tuple[int, int] = (1, 1)) -> dict:
+def check_resume_config(saved_path: Path, current: dict, log, world_sizes: tuple[int | None, int] = (1, 1)) -> dict:
     """A resumed run must continue the same trajectory: only RESUMABLE_CHANGES may differ, and
     ``optim.grad_accum`` when it keeps the global batch (grad_accum x ranks; ``world_sizes`` is
-    (saved, now)): a run saved on 2 ranks resumes on 1 with twice the micro-batches and reads the
-    same data (``sparselm.data.get_batch`` indexes micro-batches globally)."""
+    (saved, now; saved None for checkpoints older than that record)): a run saved on 2 ranks resumes
+    on 1 with twice the micro-batches and reads the same data (pre-training numbers micro-batches
+    globally)."""
     try:
         saved = read_json(saved_path, "cannot resume this run: restore it from a copy or start a new run")
     except FileNotFoundError:
         raise RunExistsError(f"{saved_path} is missing: cannot check that the resumed run has the same config") from None
     accum = [_flat(c).get("optim.grad_accum") for c in (saved, current)]
-    same_batch = None not in accum and accum[0] * world_sizes[0] == accum[1] * world_sizes[1]
+    known = None not in accum and world_sizes[0] is not None
+    same_batch = known and accum[0] * world_sizes[0] == accum[1] * world_sizes[1]
     diffs = [k for k in sorted(set(_flat(saved)) | set(_flat(current)))
              if k not in RESUMABLE_CHANGES and _flat(saved).get(k) != _flat(current).get(k)
              and not (k == "optim.grad_accum" and same_batch)]
@@ -238,7 +240,7 @@ def check_resume_config(saved_path: Path, current: dict, log, world_sizes: tuple
     for k in ("optim.max_steps", "optim.epochs"):
         if _flat(saved).get(k) != _flat(current).get(k):
             log(f"note: {k} changed {_flat(saved).get(k)} -> {_flat(current).get(k)}; the LR schedule follows the new value")
-    if None not in accum and not same_batch:
+    if known and not same_batch:
         log(f"note: saved on {world_sizes[0]} rank(s) x grad_accum {accum[0]}, resumed on {world_sizes[1]} x "
             f"{accum[1]}: the global batch changes (keep grad_accum x ranks = {accum[0] * world_sizes[0]} to continue "
             "the same trajectory)")
@@ -288,7 +290,10 @@ def train_step(phase: Phase, trainer: Trainer, step: int) -> tuple[torch.Tensor,
     for micro in range(phase.grad_accum):
         batch = phase.batch(step, micro)
         last = micro == phase.grad_accum - 1
-        sync = model.no_sync() if trainer.dist.enabled and not last else contextlib.nullcontext()
+        # DDP all-reduces once, after the last micro-batch; FSDP reduce-scatters every micro-batch's
+        # gradients into the shards (torchtitan does the same: unsharded gradients are what FSDP saves)
+        deferred = trainer.dist.enabled and not last and not trainer.sharded
+        sync = model.no_sync() if deferred else contextlib.nullcontext()
         with sync:
             with trainer.autocast:
                 loss = phase.loss(model, batch)
