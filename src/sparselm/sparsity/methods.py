@@ -248,15 +248,13 @@ class Sparsifier:
         self.apply_masks()
 
     # ---- internals ------------------------------------------------------------------------
-    def _param(self, name: str) -> nn.Parameter:
-        return next(t.param for t in self.targets if t.name == name)
-
     def _on_whole_tensors(self, make_masks, *args) -> dict[str, torch.Tensor]:
         """``make_masks(*args)`` (``init_masks`` or ``update_masks``) laid out like the parameters.
         Methods see whole tensors: for sharded (FSDP2) parameters, weights, masks and gradients are
         gathered here, on init and update steps only, and each rank keeps its shard of the result."""
         if not any(S.is_sharded(t.param) for t in self.targets):
-            return {k: m.to(self._param(k).device) for k, m in make_masks(*args).items()}
+            devices = {t.name: t.param.device for t in self.targets}
+            return {k: m.to(devices[k]) for k, m in make_masks(*args).items()}
         sharded, masks = self.targets, self.masks
         self.targets = [dataclasses.replace(t, param=S.full(t.param.detach())) for t in sharded]
         self.masks = {k: S.full(m) for k, m in masks.items()}

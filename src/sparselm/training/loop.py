@@ -88,16 +88,14 @@ class Trainer:
     autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
     train_model: torch.nn.Module | None = None  # compiled and/or DDP-wrapped model for the forward
     peak_flops: float | None = None  # the device's peak FLOP/s, for MFU
+    sharded: bool = field(init=False)  # FSDP2 holds the parameters (checked once, not per step)
 
     def __post_init__(self):
+        self.sharded = distributed.is_sharded(self.model)
         if self.train_model is None:
             self.train_model = wrap_model(self.model, self.run, self.device, self.dist)
         if self.peak_flops is None:
             self.peak_flops = device_peak_flops(self.device, self.run)
-
-    @property
-    def sharded(self) -> bool:
-        return distributed.is_sharded(self.model)
 
 
 # ---- setup ---------------------------------------------------------------------------------------
