@@ -29,7 +29,10 @@ def test_the_default_config_is_valid_for_every_preset():
 
 
 @pytest.mark.parametrize("sets,match", [
-    (["optim.lrr=1"], r"optim.lrr: unknown key \(--set\); keys of optim: batch_size, beta1, .*lr"),
+    (["optim.lrr=1"], r"optim.lrr: unknown key \(--set\); did you mean optim.lr\?; keys of optim: batch_size, beta1, .*lr"),
+    (["lr=1e-3"], r"lr: unknown key \(--set\); did you mean optim.lr\?"),
+    (["warmup_steps=5"], r"did you mean optim.warmup_steps\?"),
+    (["run.dtyp=float32"], r"did you mean run.dtype\?"),
     (["bogus=1"], "bogus: unknown key"),
     (["model=5"], "model: expected a section"),
     (["optim.lr=fast"], "optim.lr: expected float, got 'fast'"),
@@ -53,6 +56,36 @@ def test_the_default_config_is_valid_for_every_preset():
 def test_bad_values_name_the_key_and_what_is_allowed(sets, match):
     with pytest.raises(ConfigError, match=match):
         load_pretrain_config(None, sets)
+
+
+@pytest.mark.parametrize("max_steps,warmup", [(3, 0), (20, 2), (30, 3), (40, 4), (300, 30), (500, 50), (2000, 50)])
+def test_the_presets_warmup_follows_a_smaller_step_budget(max_steps, warmup):
+    # the tiny preset warms up over 50 of its 500 steps: a smaller --max-steps keeps that 10%, never refused
+    cfg = load_pretrain_config(flags={"optim.max_steps": max_steps})
+    assert cfg.optim.warmup_steps == warmup
+    assert bool(cfg.notes) == (max_steps < 500)
+
+
+def test_a_warmup_the_user_set_is_kept_or_refused_never_changed():
+    assert load_pretrain_config(None, ["optim.warmup_steps=7"], {"optim.max_steps": 30}).optim.warmup_steps == 7
+    with pytest.raises(ConfigError, match="warmup_steps=40 must be below optim.max_steps=30"):
+        load_pretrain_config(None, ["optim.warmup_steps=40"], {"optim.max_steps": 30})
+    with pytest.raises(ConfigError, match="the preset default; set --max-steps above"):
+        load_pretrain_config(None, ["optim.warmup_steps=600"])
+
+
+def test_a_scaled_warmup_follows_a_new_budget_on_resume():
+    from sparselm.training.loop import check_resume_config
+    import json, tempfile, pathlib
+
+    short, longer = (load_pretrain_config(flags={"optim.max_steps": n}).to_dict() for n in (30, 60))
+    with tempfile.TemporaryDirectory() as d:
+        saved = pathlib.Path(d) / "train_config.json"
+        saved.write_text(json.dumps(short))
+        check_resume_config(saved, longer, log=lambda *a: None)  # warm-up 3 -> 6 with the budget: allowed
+        other = dict(short, optim=dict(short["optim"], warmup_steps=9))
+        with pytest.raises(ValueError, match="optim.warmup_steps"):
+            check_resume_config(saved, other, log=lambda *a: None)  # same budget, another warm-up: refused
 
 
 def test_fractions_and_steps_are_different_fields():

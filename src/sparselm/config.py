@@ -12,6 +12,7 @@ float field is the same number as a float.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 import types
@@ -121,7 +122,7 @@ def from_dict(cls: type, data: dict | None, source: str = "config", prefix: str 
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key ({source}); keys of "
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key ({source}){_did_you_mean(cls, unknown[0], prefix)}; keys of "
                           f"{prefix.rstrip('.') or 'the config'}: {', '.join(sorted(known)) or '(none)'}")
     values = {}
     for name, value in data.items():
@@ -144,6 +145,24 @@ def from_dict(cls: type, data: dict | None, source: str = "config", prefix: str 
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e} ({source})") from None
     return obj
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key under ``cls``, sections included ("optim", "optim.lr", ...)."""
+    keys = []
+    for name, typ in typing.get_type_hints(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(typ):
+            keys += _leaf_keys(typ, f"{prefix}{name}.")
+    return keys
+
+
+def _did_you_mean(cls: type, name: str, prefix: str) -> str:
+    """'; did you mean optim.lr?' for a key that a section below (or a near spelling) has."""
+    keys = _leaf_keys(cls, prefix)
+    exact = [k for k in keys if k.rsplit(".", 1)[-1] == name and k != prefix + name]
+    close = exact or difflib.get_close_matches(prefix + name, keys, n=3, cutoff=0.75)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def coerce(value: Any, typ: Any, key: str, source: str) -> Any:

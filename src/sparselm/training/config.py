@@ -43,6 +43,22 @@ RESUMABLE_CHANGES = {"optim.max_steps", "optim.epochs", "run.eval_every", "run.c
                      "data.workers"}
 
 
+def fit_budget_defaults(optim: "OptimConfig", defaults: dict, defaulted: set) -> list[str]:
+    """Scale the preset's warm-up to a smaller step budget the user gave, so a preset default never
+    refuses the user's own ``--max-steps``: the warm-up keeps the preset's fraction of its budget
+    (tiny: 50 of 500 steps, so ``--max-steps 30`` warms up over 3). Returns the notes to print.
+    Values the user set are never changed; only two of those can conflict."""
+    if "warmup_steps" not in defaulted or "max_steps" in defaulted:
+        return []
+    fraction = defaults["warmup_steps"] / defaults["max_steps"]
+    scaled = min(defaults["warmup_steps"], int(round(fraction * optim.max_steps)))
+    if scaled == optim.warmup_steps:
+        return []
+    optim.warmup_steps = scaled
+    return [f"note: optim.warmup_steps scaled to {scaled} ({fraction:.0%} of optim.max_steps={optim.max_steps}, as "
+            f"in the preset's {defaults['warmup_steps']} of {defaults['max_steps']}); set it to choose another"]
+
+
 @dataclass
 class ModelConfig:
     """A named shape, with any field overridden (None keeps the preset's value)."""
@@ -243,10 +259,13 @@ class PretrainConfig:
             if self.sparsity.iso_flop != "none":
                 raise ConfigError("sparsity.iso_flop=wide builds a wider model; it cannot start from model.init_from")
         defaults = PRESET_TRAINING.get(self.model.training_preset(), DEFAULT_TRAINING)
+        defaulted = set()
         for key, value in defaults.items():
             section = self.run if key in ("eval_every", "ckpt_every") else self.optim
             if getattr(section, key) is None:
                 setattr(section, key, value)
+                defaulted.add(key)
+        self.notes = fit_budget_defaults(self.optim, defaults, defaulted)
         if self.run.out is None:
             self.run.out = "runs/pretrain"
         try:
@@ -254,7 +273,8 @@ class PretrainConfig:
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
         if self.optim.warmup_steps >= self.optim.max_steps:
-            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be below optim.max_steps={self.optim.max_steps}")
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} must be below optim.max_steps={self.optim.max_steps}"
+                              f"{' (the preset default; set --max-steps above the warm-up)' if 'max_steps' in defaulted else ''}")
         self.sparsity.schedule(self.optim.max_steps)  # a schedule that cannot run is an error now, not later
         if (self.sparsity.dense_tail > 0 or self.sparsity.iso_flop != "none") and not self.sparsity.enabled:
             raise ConfigError("sparsity.dense_tail and sparsity.iso_flop need a sparse run (sparsity.target > 0)")

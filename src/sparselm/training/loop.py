@@ -227,9 +227,11 @@ def check_resume_config(saved_path: Path, current: dict, log, world_sizes: tuple
     accum = [_flat(c).get("optim.grad_accum") for c in (saved, current)]
     known = None not in accum and world_sizes[0] is not None
     same_batch = known and accum[0] * world_sizes[0] == accum[1] * world_sizes[1]
+    # a warm-up derived from the step budget (training.config.fit_budget_defaults) follows a new budget
+    new_budget = _flat(saved).get("optim.max_steps") != _flat(current).get("optim.max_steps")
     diffs = [k for k in sorted(set(_flat(saved)) | set(_flat(current)))
              if k not in RESUMABLE_CHANGES and _flat(saved).get(k) != _flat(current).get(k)
-             and not (k == "optim.grad_accum" and same_batch)]
+             and not (k == "optim.grad_accum" and same_batch) and not (k == "optim.warmup_steps" and new_budget)]
     if diffs:
         k = diffs[0]
         raise ValueError(f"cannot resume: the config differs from the run's {saved_path.name} in {diffs} "

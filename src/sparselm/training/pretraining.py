@@ -69,6 +69,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
     if start.finished is not None:
         return start.finished
     out, device, dist, log, checkpoint = start.out, start.device, start.dist, start.log, start.checkpoint
+    for note in getattr(cfg, "notes", ()):
+        log(note)
 
     shape, init = cfg.shape(), cfg.model.init_from
     options = cfg.data.prepare_options()
