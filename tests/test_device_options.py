@@ -73,6 +73,18 @@ def test_bf16_autocast_and_activation_checkpointing_on_cpu(micro_config, tmp_pat
     assert all("mfu" not in r for r in rows(tmp_path / "bf16"))  # no peak known for a CPU
 
 
+@pytest.mark.slow
+def test_fp16_pretraining_on_cpu_scales_the_loss_and_resumes_its_scale(micro_config, tmp_path):
+    """fp16 autocast with GradScaler end to end: it learns, logs its skipped steps, saves the scale."""
+    cfg = micro_config(out=str(tmp_path / "fp16"), sparsity=0.5, max_steps=10, run=dict(dtype="float16", keep_checkpoint=True))
+    summary = pretrain(cfg, **QUIET)
+    losses = [r for r in rows(tmp_path / "fp16") if "loss" in r]
+    assert all("skipped_steps" in r for r in losses) and losses[-1]["loss"] < losses[0]["loss"]
+    assert summary["sparsity"]["measured"] == pytest.approx(0.5, abs=1e-3)
+    state = json.loads((tmp_path / "fp16" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["grad_scaler"]["scale"] > 0 and state["skipped_steps"] == losses[-1]["skipped_steps"]
+
+
 def json_shape(run):
     from sparselm.models import ModelShape
 

@@ -3,7 +3,7 @@
 A phase (``pretraining.py``, ``finetuning.py``) supplies what differs: its batches, its loss, its
 learning-rate curve, its validation loss and its FLOP cost per token. Everything else is here, once:
 the step (batch -> forward under autocast -> backward -> sparsity hook -> clip -> optimizer step ->
-sparsity hook), the log / eval / checkpoint cadence, the run-directory guard, resume with a config
+sparsity hook; fp16 scales the loss), the log / eval / checkpoint cadence, the run-directory guard, resume with a config
 check, DDP and ``torch.compile``, and signals. SIGINT, SIGTERM (what clusters send before
 pre-emption) and SIGUSR1 (Slurm's ``--signal``) only set a flag; the loop checks it at the step
 boundary, saves a checkpoint that holds exactly the steps it is labelled with, and stops.
@@ -89,9 +89,11 @@ class Trainer:
     train_model: torch.nn.Module | None = None  # compiled and/or DDP-wrapped model for the forward
     peak_flops: float | None = None  # the device's peak FLOP/s, for MFU
     sharded: bool = field(init=False)  # FSDP2 holds the parameters (checked once, not per step)
+    scaler: torch.amp.GradScaler | None = field(init=False)  # loss scaling, for fp16 only
 
     def __post_init__(self):
         self.sharded = distributed.is_sharded(self.model)
+        self.scaler = grad_scaler_for(self.device, self.run, self.sharded)
         if self.train_model is None:
             self.train_model = wrap_model(self.model, self.run, self.device, self.dist)
         if self.peak_flops is None:
@@ -104,6 +106,19 @@ def autocast_for(device: torch.device, dtype: str) -> contextlib.AbstractContext
     amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "float32": None,
            "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def grad_scaler_for(device: torch.device, run: RunConfig, sharded: bool = False) -> torch.amp.GradScaler | None:
+    """fp16's narrow exponent range underflows small gradients: fp16 training scales the loss up and
+    the gradients back down (``torch.amp.GradScaler``: a step whose gradients overflowed is skipped and
+    the scale halved). bf16 and fp32 need none. Not with FSDP2: ranks would each find overflows in
+    their own shards and disagree on skipping (use bf16 there, the default on GPUs)."""
+    if run.dtype != "float16":
+        return None
+    if sharded:
+        raise ValueError("run.dtype=float16 is not supported with run.parallel=fsdp (its loss scaling would need "
+                         "every rank to agree on overflows); use --dtype bfloat16 (the default on GPUs)")
+    return torch.amp.GradScaler(device.type)
 
 
 def prepare_model(model: torch.nn.Module, run: RunConfig, device: torch.device, dist: distributed.Dist) -> torch.nn.Module:
@@ -149,7 +164,7 @@ def device_warnings(run: RunConfig, device: torch.device, dist: distributed.Dist
     if run.kernel == "semi-structured" and device.type != "cuda":
         out.append(f"run.kernel=semi-structured needs a CUDA GPU; on {device.type} the masked linears run dense kernels")
     if run.dtype == "float16" and device.type == "cpu":
-        out.append("run.dtype=float16 on the CPU is slow and has no loss scaling; use bfloat16")
+        out.append("run.dtype=float16 on the CPU is slow; use bfloat16")
     return out
 
 
@@ -184,6 +199,7 @@ def start_run(cfg, resume: bool, progress: bool | None, log) -> RunStart:
     log = log if dist.is_main else (lambda *a, **k: None)
     if device.type == "cuda" and cfg.run.dtype != "float32":  # TF32 for fp32 matmuls left outside autocast
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    grad_scaler_for(device, cfg.run, sharded=dist.enabled and cfg.run.parallel == "fsdp")  # refused now, not after loading
     for warning in device_warnings(cfg.run, device, dist):
         if dist.is_main:
             logger.warning(f"warning: {warning}")
@@ -266,6 +282,9 @@ def restore(trainer: Trainer, checkpoint: Path | None, resume: bool, state: dict
             trainer.sparsifier.load_state_dict(masks)  # (in a dense tail the weights are no longer masked)
         if trainer.dist.is_main:
             truncate_metrics(metrics, state["step"])
+        scaler_state = state.pop("grad_scaler", None)
+        if trainer.scaler is not None and scaler_state is not None:
+            trainer.scaler.load_state_dict(scaler_state)
         log(f"resumed from {checkpoint} at step {state['step']}")
     elif resume and metrics.exists() and trainer.dist.is_main:
         truncate_metrics(metrics, 0)  # rows of an attempt killed before its first checkpoint
@@ -275,13 +294,14 @@ def restore(trainer: Trainer, checkpoint: Path | None, resume: bool, state: dict
 
 def new_state(**extra) -> dict:
     return {"step": 0, "tokens_seen": 0, "train_flops": 0.0, "dense_train_flops": 0.0, "param_steps": 0.0,
-            "wall_time_s": 0.0, **extra}
+            "wall_time_s": 0.0, "skipped_steps": 0, **extra}
 
 
 # ---- the step -------------------------------------------------------------------------------------
-def train_step(phase: Phase, trainer: Trainer, step: int) -> tuple[torch.Tensor, int]:
-    """One optimizer step; returns (mean loss as a device tensor, tokens in this rank's batches)."""
-    model, optimizer, sparsifier = trainer.train_model, trainer.optimizer, trainer.sparsifier
+def train_step(phase: Phase, trainer: Trainer, step: int) -> tuple[torch.Tensor, int, bool]:
+    """One optimizer step; returns (mean loss as a device tensor, tokens in this rank's batches,
+    whether the optimizer stepped: fp16 loss scaling skips steps whose gradients overflowed)."""
+    model, optimizer, sparsifier, scaler = trainer.train_model, trainer.optimizer, trainer.sparsifier, trainer.scaler
     lr = phase.lr(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -297,18 +317,28 @@ def train_step(phase: Phase, trainer: Trainer, step: int) -> tuple[torch.Tensor,
         with sync:
             with trainer.autocast:
                 loss = phase.loss(model, batch)
-            (loss / phase.grad_accum).backward()
+            micro_loss = loss / phase.grad_accum
+            (scaler.scale(micro_loss) if scaler is not None else micro_loss).backward()
         loss_sum += loss.detach()
         tokens += batch[0].numel()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # true gradients before masking, RigL's dense copy and clipping
     if sparsifier is not None:
         sparsifier.after_backward(step)
     if phase.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in trainer.model.parameters() if p.requires_grad], phase.grad_clip)
-    optimizer.step()
+    stepped = True
+    if scaler is None:
+        optimizer.step()
+    else:  # (fp16 only: GradScaler syncs with the host here, to decide whether to step)
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        stepped = scaler.get_scale() >= scale  # an overflow skipped the step and backed the scale off
     optimizer.zero_grad(set_to_none=True)
-    if sparsifier is not None:
+    if sparsifier is not None and stepped:  # a skipped step moves no mask (the weights did not move either)
         sparsifier.after_step(step)
-    return loss_sum / phase.grad_accum, tokens
+    return loss_sum / phase.grad_accum, tokens, stepped
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -327,6 +357,8 @@ def train(phase: Phase, trainer: Trainer, state: dict, log=logger.info) -> float
 
     def save() -> None:
         saved_state = dict(state, world_size=dist.world_size)
+        if trainer.scaler is not None:
+            saved_state["grad_scaler"] = trainer.scaler.state_dict()
         masks = trainer.sparsifier.masks if trainer.sparsifier is not None else None
         if trainer.sharded:  # every rank writes its shards
             save_sharded_checkpoint(out, trainer.model, trainer.optimizer, masks, saved_state)
@@ -344,14 +376,16 @@ def train(phase: Phase, trainer: Trainer, state: dict, log=logger.info) -> float
         with stop:
             while step < phase.total_steps:
                 cost = phase.cost(step)  # the masks in use during this step
-                loss, tokens = train_step(phase, trainer, step)
+                loss, tokens, stepped = train_step(phase, trainer, step)
                 tokens *= dist.world_size
                 step += 1
-                state.update(step=step, tokens_seen=state["tokens_seen"] + tokens,
+                state.update(step=step, tokens_seen=state["tokens_seen"] + tokens, skipped_steps=state["skipped_steps"] + (not stepped),
                              train_flops=state["train_flops"] + cost.flops_per_token * tokens,
                              dense_train_flops=state["dense_train_flops"] + cost.dense_flops_per_token * tokens,
                              param_steps=state["param_steps"] + cost.nonzero_params)
-                if step % run.log_every == 0 or step == phase.total_steps:  # one host sync per log step
+                log_step = step % run.log_every == 0 or step == phase.total_steps
+                ckpt_step = step % run.ckpt_every == 0 or step == phase.total_steps
+                if log_step:  # the one host sync of a step (besides fp16's loss scaler): every log_every steps
                     train_loss = distributed.all_reduce_mean(loss.item(), dist, trainer.device)
                     if not math.isfinite(train_loss):
                         raise FloatingPointError(f"{phase.name}: training loss is {train_loss} at step {step}; "
@@ -361,6 +395,7 @@ def train(phase: Phase, trainer: Trainer, state: dict, log=logger.info) -> float
                     t_last, tok_last = now, state["tokens_seen"]
                     mfu = flops.mfu(cost.dense_flops_per_token, tps / dist.world_size, trainer.peak_flops)
                     log_row({"step": step, "loss": round(train_loss, 5), "lr": phase.lr(step - 1),
+                             **({"skipped_steps": state["skipped_steps"]} if trainer.scaler is not None else {}),
                              "tokens": state["tokens_seen"], "tokens_per_s": round(tps, 1),
                              **({"mfu": round(mfu, 4)} if mfu is not None else {}),
                              "train_flops": state["train_flops"], **phase.log_fields(step)})
@@ -371,8 +406,8 @@ def train(phase: Phase, trainer: Trainer, state: dict, log=logger.info) -> float
                     log_row({"step": step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(val_loss), 3)})
                     bar.set_postfix(val=f"{val_loss:.3f}")
                 state["wall_time_s"] = wall0 + time.time() - t0
-                signum = stop.received(dist, trainer.device)
-                if step % run.ckpt_every == 0 or step == phase.total_steps or signum:
+                signum = stop.received(dist, trainer.device, agree=log_step or ckpt_step)
+                if ckpt_step or signum:
                     save()
                 bar.update(1)
                 if signum:
@@ -409,8 +444,12 @@ class _StopFlag:
             raise KeyboardInterrupt  # impatient second Ctrl-C: the last checkpoint stays intact
         self.signum = signum
 
-    def received(self, dist: distributed.Dist, device) -> int:
-        """The signal to stop for, agreed by every rank (so all stop at the same step)."""
+    def received(self, dist: distributed.Dist, device, agree: bool) -> int:
+        """The signal to stop for. One process: at once. Under torchrun every rank must stop at the
+        same step, which takes a collective: ranks agree only when ``agree`` (log and checkpoint
+        steps), so a signal waits at most ``run.log_every`` steps and other steps sync nothing."""
         if not dist.enabled:
             return self.signum
+        if not agree:
+            return 0
         return int(round(distributed.all_reduce_max(float(self.signum), dist, device)))
