@@ -31,7 +31,7 @@ def test_sparse_wide_flops_command(capsys):
 
     assert main(["flops", "--preset", "gpt2-small", "--sparsity", "0.75", "--iso-flop", "wide"]) == 0
     out = capsys.readouterr().out
-    assert "d=768 -> 1536, d_ff=3072 -> 6144" in out and "dense/sparse-wide ratio: 0.712x" in out
+    assert "d=768 -> 1536, d_ff=3072 -> 6144" in out and "dense/sparse-wide ratio: 0.712x (1.40x more FLOPs than the dense base model)" in out
 
 
 def test_variable_spdf_pretrains_sparse_then_dense_with_exact_flops(micro_config):
@@ -65,3 +65,10 @@ def test_sparse_wide_pretrains_a_wider_sparse_model(micro_config):
     wide_linear = sum(2 * n_in * n_out * 0.25 for _, _, n_in, n_out in flops.linear_layers(cfg.shape()))
     assert wide_linear == pytest.approx(dense_linear, rel=0.02)
     assert summary["sparsity"]["measured"] == pytest.approx(0.75, abs=1e-3)
+    # its saving is stated against the dense *base* model (it costs more), the widened dense one kept beside it
+    tokens = summary["tokens_seen"]
+    base = micro_config().shape().override(vocab_size=summary["model"]["vocab_size"])
+    assert summary["dense_train_flops"] == pytest.approx(tokens * flops.train_flops_per_token(base, 1.0), rel=1e-9)
+    assert summary["wide_dense_train_flops"] == pytest.approx(tokens * flops.train_flops_per_token(cfg.shape().override(
+        vocab_size=summary["model"]["vocab_size"]), 1.0), rel=1e-9)
+    assert summary["flops_reduction"] < 1 and "x more" in flops.compared(summary["dense_train_flops"], summary["train_flops"])

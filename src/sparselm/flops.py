@@ -100,6 +100,14 @@ PEAK_BF16_FLOPS: dict[str, float] = {
 }
 
 
+def compared(dense_flops: float, run_flops: float) -> str:
+    """"1.69x fewer" or "1.45x more": a run's FLOPs against the dense base model's (Sparse-Wide costs more)."""
+    if not run_flops or not dense_flops:
+        return "n/a"
+    ratio = dense_flops / run_flops
+    return f"{ratio:.2f}x fewer" if ratio >= 1 else f"{1 / ratio:.2f}x more"
+
+
 def peak_flops(device_name: str, dtype: str) -> float | None:
     """The peak FLOP/s of a known GPU for ``dtype`` ('bfloat16', 'float16' or 'float32'), else None."""
     for key, peak in PEAK_BF16_FLOPS.items():

@@ -149,6 +149,7 @@ def _presets() -> list[str]:
 
 
 def cmd_pretrain(args) -> int:
+    from .. import flops
     from ..training import load_pretrain_config, pretrain
 
     cfg = load_pretrain_config(args.config, args.overrides, _config_flags(args))
@@ -159,7 +160,8 @@ def cmd_pretrain(args) -> int:
     summary = pretrain(cfg, resume=args.resume)
     _say(f"done: val loss {summary['final_val_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f}), "
           f"sparsity {summary['sparsity']['measured']:.4f}, train FLOPs {summary['train_flops']:.3e} "
-          f"(dense {summary['dense_train_flops']:.3e}, {summary['flops_reduction']:.2f}x fewer), "
+          f"(dense base model {summary['dense_train_flops']:.3e}: "
+          f"{flops.compared(summary['dense_train_flops'], summary['train_flops'])}), "
           f"{summary['wall_time_s']:.0f}s -> {cfg.run.out}")
     return 0
 
@@ -185,7 +187,8 @@ def cmd_flops(args) -> int:
     for name, dense, _ in rows:
         _say(f"{name:<14}{dense:>14.4e}{sparse[name]:>14.4e}")
     total_dense, total_sparse = rows[-1][1], sparse["total"]
-    _say(f"dense/{label} ratio: {total_dense / total_sparse:.3f}x")
+    _say(f"dense/{label} ratio: {total_dense / total_sparse:.3f}x ({flops.compared(total_dense, total_sparse)} FLOPs than "
+         f"the dense base model)")
     if args.tokens:
         _say(f"training FLOPs for {args.tokens:.3e} tokens: dense {3 * total_dense * args.tokens:.3e}, "
               f"{label} {3 * total_sparse * args.tokens:.3e}")

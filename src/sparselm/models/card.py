@@ -107,11 +107,12 @@ def _sparsity_section(run_dir: Path, s: dict, sparsity: dict) -> list[str]:
 def _training_section(s: dict) -> list[str]:
     out = ["## Training", ""]
     if s.get("kind") == "pretrain":
-        ratio = s.get("flops_reduction") or 1.0
+        from .. import flops
+
         out += [f"- {s.get('steps', 0):,} steps, {s.get('tokens_seen', 0):,} tokens"
                 + (f", continued from `{s['init_from']}`" if s.get("init_from") else ""),
-                f"- pre-training FLOPs: {s.get('train_flops', 0):.3e} (dense equivalent {s.get('dense_train_flops', 0):.3e}, "
-                f"{ratio:.2f}x fewer)",
+                f"- pre-training FLOPs: {s.get('train_flops', 0):.3e} (the dense base model: {s.get('dense_train_flops', 0):.3e}, "
+                f"{flops.compared(s.get('dense_train_flops', 0), s.get('train_flops', 0))})",
                 f"- final validation loss {s.get('final_val_loss', float('nan')):.4f}"]
         if s.get("data"):
             out.append(f"- data: {s['data']}")

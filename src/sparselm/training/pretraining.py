@@ -161,7 +161,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
         "steps": state["step"],
         "tokens_seen": state["tokens_seen"],
         "train_flops": state["train_flops"],
-        "dense_train_flops": state["dense_train_flops"],
+        "dense_train_flops": state["dense_train_flops"],  # the dense model of the same shape, same tokens
         "flops_reduction": state["dense_train_flops"] / state["train_flops"] if state["train_flops"] else 1.0,
         "final_param_count": int(cost(state["step"]).nonzero_params),
         "average_param_count": state["param_steps"] / max(1, state["step"]),
@@ -173,6 +173,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
                 f"tokenizer {corpus.tokenizer_source} ({corpus.vocab_size:,} tokens)",
         "command": invocation(),
     }
+    if cfg.sparsity.iso_flop != "none":  # Sparse-Wide: the saving is stated against the dense *base* model
+        summary["wide_dense_train_flops"] = state["dense_train_flops"]
+        base_fpt = flops.train_flops_per_token(cfg.model.shape().override(vocab_size=shape.vocab_size), 1.0)
+        summary["dense_train_flops"] = state["dense_train_flops"] * base_fpt / dense_fpt
+        summary["flops_reduction"] = summary["dense_train_flops"] / state["train_flops"] if state["train_flops"] else 1.0
     masks = sparsifier.state_dict() if sparsifier is not None and not ended_dense else None  # (gathers shards)
     whole = distributed.full_model(model) if distributed.is_sharded(model) else model  # (every rank)
     if dist.is_main:
