@@ -32,6 +32,9 @@ def _flag(p: argparse.ArgumentParser, cls: type, key: str, *names: str, **kw) ->
     default = f.default if f.default is not dataclasses.MISSING else None
     shown = "the preset's" if default is None and key.startswith("optim.") else default
     help_text = kw.pop("help", None) or f.metadata.get("help", "")
+    choices = f.metadata.get("choices")
+    if "choices" not in kw and choices is not None:  # the config field's own list (a registry's names are read now)
+        kw["choices"] = list(choices() if callable(choices) else choices)
     if "choices" not in kw:
         kw.setdefault("metavar", key.rsplit(".", 1)[-1].upper())
     shown = "" if "default" in help_text else f"default: {shown}; "
@@ -42,11 +45,11 @@ def _common_run_flags(p: argparse.ArgumentParser, cls: type, default_out: str) -
     _flag(p, cls, "run.out", "--out", metavar="DIR", help=f"run directory (default {default_out})")
     _flag(p, cls, "run.seed", "--seed", type=int)
     _flag(p, cls, "run.device", "--device")
-    _flag(p, cls, "run.dtype", "--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    _flag(p, cls, "run.dtype", "--dtype")
     p.add_argument("--compile", dest="run.compile", action="store_const", const=True, default=None,
                    help="torch.compile the model for training (CPU: inductor with the system C compiler; config key run.compile)")
-    _flag(p, cls, "run.parallel", "--parallel", choices=["ddp", "fsdp"])
-    _flag(p, cls, "run.kernel", "--kernel", choices=["dense", "semi-structured"])
+    _flag(p, cls, "run.parallel", "--parallel")
+    _flag(p, cls, "run.kernel", "--kernel")
     p.add_argument("--activation-checkpointing", dest="run.activation_checkpointing", action="store_const", const=True,
                    default=None, help="recompute each block's activations in the backward (config key run.activation_checkpointing)")
     _flag(p, cls, "run.report_to", "--report-to", metavar="jsonl,tensorboard,wandb")
@@ -80,7 +83,6 @@ def _say(*args, **kw) -> None:
 
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
     from ..sparsity import METHODS
-    from ..sparsity.distributions import DISTRIBUTIONS
     from ..training.config import PretrainConfig as C
 
     _flag(p, C, "model.preset", "--preset", help="model shape: " + ", ".join(_presets()))
@@ -88,9 +90,9 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     _flag(p, C, "data.corpus", "--corpus", metavar="DIR")
     _data_flags(p, C)
     _flag(p, C, "sparsity.target", "--sparsity", type=float)
-    _flag(p, C, "sparsity.method", "--method", choices=sorted(METHODS),
+    _flag(p, C, "sparsity.method", "--method",
           help="; ".join(f"{name}: {cls.help}" for name, cls in sorted(METHODS.items())))
-    _flag(p, C, "sparsity.distribution", "--distribution", choices=sorted(DISTRIBUTIONS))
+    _flag(p, C, "sparsity.distribution", "--distribution")
     _flag(p, C, "sparsity.n_m", "--n-m", metavar="N:M")
     _flag(p, C, "optim.max_steps", "--max-steps", type=int)
     _flag(p, C, "optim.batch_size", "--batch-size", type=int)
@@ -119,7 +121,7 @@ def _data_prepare_args(p: argparse.ArgumentParser) -> None:
     _flag(p, C, "data.val_fraction", "--val-fraction", type=float)
     _flag(p, C, "data.cache_dir", "--cache-dir", metavar="DIR")
     _flag(p, C, "data.shard_tokens", "--shard-tokens", type=int, metavar="N")
-    _flag(p, C, "data.dtype", "--dtype", choices=["auto", "uint16", "uint32"])
+    _flag(p, C, "data.dtype", "--dtype")
     _flag(p, C, "data.eos_token", "--eos-token", metavar="TOKEN")
     p.add_argument("--out", dest="prepare_out", metavar="DIR",
                    help="write the shards here instead of the cache (then: sparselm pretrain --corpus DIR)")
@@ -323,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, P, "from_run", "--from", metavar="DIR")
     _flag(p, P, "out", "--out", metavar="DIR")
     _flag(p, P, "target", "--sparsity", type=float)
-    _flag(p, P, "distribution", "--distribution", choices=["uniform", "erk"])
+    _flag(p, P, "distribution", "--distribution")
     _flag(p, P, "n_m", "--n-m", metavar="N:M")
     _config_file_flags(p, "prune")
     p.set_defaults(func=cmd_prune)
@@ -337,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a pre-trained run on a data-to-text task (dense = SPDF)")
     _flag(p, F, "model.from_run", "--from", metavar="DIR")
-    _flag(p, F, "data.task", "--task", choices=sorted(TASKS))
-    _flag(p, F, "tuning.mode", "--mode", choices=["dense", "sparse", "lora"])
+    _flag(p, F, "data.task", "--task")
+    _flag(p, F, "tuning.mode", "--mode")
     _flag(p, F, "data.data_dir", "--data-dir", metavar="DIR")
     _flag(p, F, "optim.epochs", "--epochs", type=float)
     _flag(p, F, "optim.max_steps", "--max-steps", type=int)
@@ -353,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="beam-search a task split and score it with the official metrics")
     _flag(p, E, "model", "--from", "--model", metavar="DIR")
     _flag(p, E, "out", "--out", metavar="DIR")
-    _flag(p, E, "task", "--task", choices=sorted(TASKS))
-    _flag(p, E, "split", "--split", choices=["train", "validation", "test"])
+    _flag(p, E, "task", "--task")
+    _flag(p, E, "split", "--split")
     _flag(p, E, "limit", "--limit", type=int)
     _flag(p, E, "decoding.num_beams", "--beams", type=int)
     _flag(p, E, "decoding.length_penalty", "--length-penalty", type=float)

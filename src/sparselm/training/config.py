@@ -314,6 +314,12 @@ class PretrainConfig:
 FINETUNE_MODES = ("dense", "sparse", "lora")
 
 
+def _tasks():
+    from ..data.tasks import TASKS
+
+    return TASKS
+
+
 @dataclass
 class FinetuneModelConfig:
     from_run: str | None = option(None, "pre-trained run directory (or any local HF model directory of a supported family)")
@@ -321,7 +327,7 @@ class FinetuneModelConfig:
 
 @dataclass
 class FinetuneDataConfig:
-    task: str = option("e2e", "task name (see `sparselm evaluate --help` for the list)")
+    task: str = option("e2e", "task name", choices=lambda: sorted(_tasks()))
     data_dir: str | None = option(None, "task folder (default: its folder in $SPARSELM_DATA / shared/data)")
     skip_bad_rows: bool = option(False, "skip (and count) malformed rows instead of failing")
     limit_train: int | None = option(None, "use only the first N training pairs", lo=1)
