@@ -277,9 +277,10 @@ class Task:
     scorers: Mapping[str, str] = field(default_factory=dict)
 
 
-TASKS: Registry[Task] = Registry("task")
+TASKS: Registry[Task] = Registry("task", entry_points="sparselm.tasks")
 
 
+@TASKS.registrar
 def register_task(task: Task, replace: bool = False) -> Task:
     """Make ``task`` loadable and scorable by name; a second task of the same name is an error
     unless ``replace``."""

@@ -300,9 +300,10 @@ class Metric:
     scorers: Mapping[str, Scorer] = field(default_factory=dict)
 
 
-METRICS: Registry[Metric] = Registry("metric")
+METRICS: Registry[Metric] = Registry("metric", entry_points="sparselm.metrics")
 
 
+@METRICS.registrar
 def register_metric(metric: Metric, replace: bool = False) -> Metric:
     """Make ``metric`` usable in task declarations and reports; a second metric of the same name is
     an error unless ``replace``."""

@@ -75,12 +75,13 @@ def eos_id(shape: ModelShape, eos_token_id: int | None) -> int:
     return shape.vocab_size - 1 if eos_token_id is None else eos_token_id
 
 
-FAMILIES: Registry[ModelFamily] = Registry("model family", "families")
+FAMILIES: Registry[ModelFamily] = Registry("model family", "families", entry_points="sparselm.families")
 
 
+@FAMILIES.registrar
 def register_family(family: ModelFamily, replace: bool = False) -> ModelFamily:
     """Make ``family`` available by name and by the model_type of saved configs."""
-    for other in FAMILIES.values():
+    for other in FAMILIES.declared.values():  # not FAMILIES: no plugins while built-ins register
         if other.model_type == family.model_type and other.name != family.name:
             raise ValueError(f"model_type {family.model_type!r} is already loaded by family {other.name!r}")
     return FAMILIES.register(family.name, family, replace)

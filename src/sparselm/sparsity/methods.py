@@ -395,9 +395,10 @@ class RigL(SET):
         return grads[t.name].abs()
 
 
-METHODS: Registry[type[Sparsifier]] = Registry("sparsity method")
+METHODS: Registry[type[Sparsifier]] = Registry("sparsity method", entry_points="sparselm.methods")
 
 
+@METHODS.registrar
 def register_method(cls: type[Sparsifier], replace: bool = False) -> type[Sparsifier]:
     """Make a method available by ``cls.name`` to the config, the CLI and experiment specs."""
     return METHODS.register(cls.name, cls, replace)
