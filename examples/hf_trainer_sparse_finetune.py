@@ -62,8 +62,8 @@ def main(argv=None) -> dict:
     if masks is not None:  # keep the pre-training masks, as sparselm's `finetune --mode sparse`
         sparsifier = Static(0.0, include=list(masks)).attach(model)
         sparsifier.load_state_dict(masks)
-    else:
-        sparsifier = Static(args.sparsity).attach(model)
+    else:  # the callback attaches it to Trainer's model when training begins
+        sparsifier = Static(args.sparsity)
 
     pairs = load_task("e2e", args.data_dir).pairs("train")
     train_set, _ = encode_pairs(tokenizer, pairs[: args.limit_train or None], context_length(model), skip_too_long=True)
@@ -78,8 +78,8 @@ def main(argv=None) -> dict:
         ),
         train_dataset=train_set,
         data_collator=lambda rows: dict(zip(columns, collate(rows, tokenizer.eos_token_id))),
+        callbacks=[SparsityCallback(sparsifier)],
     )
-    SparsityCallback(sparsifier).install(trainer)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
 
     sparsifier.check()
