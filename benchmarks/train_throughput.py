@@ -90,7 +90,7 @@ def run(shape, batch_size, steps, sparsity, device, dtype, n_m=None, kernel="den
     for step in range(steps):
         sync(device)
         t0 = time.perf_counter()
-        loss, _ = train_step(phase, trainer, step)
+        loss, _, _ = train_step(phase, trainer, step)
         sync(device)
         step_times.append(time.perf_counter() - t0)
         result.losses.append(float(loss))
