@@ -75,7 +75,7 @@ def test_a_warmup_the_user_set_is_kept_or_refused_never_changed():
 
 
 def test_a_scaled_warmup_follows_a_new_budget_on_resume():
-    from sparselm.training.loop import check_resume_config
+    from sparselm.training.rundir import check_resume_config
     import json, tempfile, pathlib
 
     short, longer = (load_pretrain_config(flags={"optim.max_steps": n}).to_dict() for n in (30, 60))

@@ -180,7 +180,7 @@ def test_an_overflowing_fp16_step_is_skipped_counted_and_moves_no_mask(tmp_path)
 def test_the_loss_scale_is_saved_with_the_checkpoint_and_resumed(tmp_path):
     from sparselm.files import read_json
     from sparselm.training.checkpoint import find_checkpoint
-    from sparselm.training.loop import restore
+    from sparselm.training.engine import restore
 
     phase, trainer = tiny_setup(tmp_path, dtype="float16", steps=4, ckpt_every=2)
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)  # grows every step

@@ -35,7 +35,7 @@ def _flag(p: argparse.ArgumentParser, cls: type, key: str, *names: str, **kw) ->
     choices = f.metadata.get("choices")
     if "choices" not in kw and choices is not None:  # the config field's own list (a registry's names are read now)
         kw["choices"] = list(choices() if callable(choices) else choices)
-    if "choices" not in kw:
+    if kw.get("choices") is None:
         kw.setdefault("metavar", key.rsplit(".", 1)[-1].upper())
     shown = "" if "default" in help_text else f"default: {shown}; "
     p.add_argument(*names, dest=key, default=None, help=f"{help_text} ({shown}config key {key})", **kw)
@@ -85,7 +85,8 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     from ..sparsity import METHODS
     from ..training.config import PretrainConfig as C
 
-    _flag(p, C, "model.preset", "--preset", help="model shape: " + ", ".join(_presets()))
+    _flag(p, C, "model.preset", "--preset", help="model shape: " + ", ".join(_presets()),
+          choices=None)  # (listed in the help; a wrong name is the config's error, which names the key)
     _flag(p, C, "model.init_from", "--init-from", metavar="DIR")
     _flag(p, C, "data.corpus", "--corpus", metavar="DIR")
     _data_flags(p, C)

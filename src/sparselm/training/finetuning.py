@@ -19,16 +19,14 @@ from .. import flops
 from .._optional import require
 from ..data.tasks import SEPARATOR, load_task
 from ..models import lora_config_kwargs, shape_of
-from ..models.card import invocation
 from ..models.decoding import DecodingConfig
 from ..models.loss import collate, encode_pairs, target_loss, validation_loss
 from ..models.runs import load_run
 from ..sparsity import Static
-from .checkpoint import save_run
 from .config import FINETUNE_MODES as MODES
 from .config import FinetuneConfig
-from . import distributed
-from .loop import Phase, StepCost, Trainer, autocast_for, new_state, prepare_model, restore, start_run, train
+from .engine import PhaseSetup, run_phase, start_run
+from .loop import Phase, StepCost
 from .lock import writes_run
 from .optim import adamw, linear_lr
 
@@ -57,7 +55,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = 
     start = start_run(cfg, resume, progress, log)
     if start.finished is not None:
         return start.finished
-    out, device, dist, log, checkpoint = start.out, start.device, start.dist, start.log, start.checkpoint
+    device, dist, log = start.device, start.dist, start.log
 
     mode, from_run = cfg.tuning.mode, cfg.model.from_run
     model, tokenizer, masks, source = load_run(from_run)
@@ -80,45 +78,43 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = 
     model.to(device)
     if mode == "lora" and dist.enabled and cfg.run.parallel == "fsdp":
         raise ValueError("LoRA fine-tuning runs with --parallel ddp (its adapters are small; FSDP would only shard the frozen base)")
-    prepare_model(model, cfg.run, device, dist)  # (FSDP shards it: masks and optimizer come after)
-    sparsifier = None
+    if mode == "sparse" and masks is None:
+        raise ValueError(f"{from_run} has no masks.safetensors: sparse fine-tuning needs a sparse pre-trained run")
     masked_weights = 0
-    if mode == "sparse":
-        if masks is None:
-            raise ValueError(f"{from_run} has no masks.safetensors: sparse fine-tuning needs a sparse pre-trained run")
-        sparsifier = Static(0.0, include=list(masks)).attach(model)
-        sparsifier.load_state_dict(masks)
-    elif masks is not None:
+    if mode != "sparse" and masks is not None:
         masked_weights = sum(m.numel() - int(m.sum()) for m in masks.values())
         log(f"{mode} fine-tuning: dropped the pre-training masks; {masked_weights:,} weights that were zero "
             f"{'will now learn' if mode == 'dense' else 'stay frozen under the adapters'}")
-    if mode == "lora":
-        model = _wrap_lora(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(model, cfg.optim.lr, cfg.optim.weight_decay, (0.9, 0.999), device.type, params=params)
-    if sparsifier is not None:
-        sparsifier.optimizer = optimizer
-    trainer = Trainer(model, optimizer, sparsifier, device, dist, cfg.run, out, autocast_for(device, cfg.run.dtype))
-    state = restore(trainer, checkpoint, resume, new_state(initial_val_loss=None), log)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "train_config.json")
 
-    autocast = trainer.autocast
+    def keep_masks(model, optimizer):  # sparse mode: the pre-training masks, enforced as in pre-training
+        if mode != "sparse":
+            return None
+        sparsifier = Static(0.0, include=list(masks)).attach(model, optimizer)
+        sparsifier.load_state_dict(masks)
+        return sparsifier
 
-    def evaluate(m) -> float:
-        with autocast:
-            return validation_loss(m, val_set, cfg.optim.batch_size, pad, device, chunk=cfg.run.loss_chunk)
+    def finish(final):
+        final = final.merge_and_unload() if mode == "lora" else final
+        final.generation_config = DecodingConfig().generation_config(tokenizer.eos_token_id)
+        return final
 
-    if state["initial_val_loss"] is None:
-        state["initial_val_loss"] = evaluate(model)
+    setup = PhaseSetup(
+        model=model,
+        optimizer=lambda m: adamw(m, cfg.optim.lr, cfg.optim.weight_decay, (0.9, 0.999), device.type,
+                                  params=[p for p in m.parameters() if p.requires_grad]),
+        sparsifier=keep_masks,
+        adapt=(lambda m: _wrap_lora(m, cfg)) if mode == "lora" else None,
+        finish=finish,
+        save_files=lambda d: tokenizer.save_pretrained(str(d)),
+        state={"initial_val_loss": None},
+        saves_adapter=mode == "lora",
+    )
 
     density = 1.0 if masks is None or mode == "dense" else {k: float(m.float().mean()) for k, m in masks.items()}
     fwd = flops.forward_flops_per_token(shape, density)["total"]
     dense_fwd = flops.forward_flops_per_token(shape, 1.0)["total"]
     # LoRA: forward + activation gradients through the frozen base, no base weight gradients
     passes = 2.0 if mode == "lora" else 3.0
-    step_cost = StepCost(passes * fwd, passes * dense_fwd, float(sum(p.numel() for p in model.parameters())))
 
     def batch(step: int, micro: int):
         epoch, offset = divmod(step, steps_per_epoch)
@@ -126,62 +122,54 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = 
         idx = order[offset * cfg.optim.batch_size: (offset + 1) * cfg.optim.batch_size][dist.rank::dist.world_size]
         return tuple(t.to(device) for t in collate([train_set[i] for i in idx], pad))
 
-    warmup = int(cfg.optim.warmup_ratio * total_steps)
-    phase = Phase(
-        name=f"finetune {cfg.data.task} ({mode})",
-        total_steps=total_steps,
-        batch=batch,
-        loss=lambda m, b: target_loss(m, *b, chunk=cfg.run.loss_chunk),
-        lr=lambda step: linear_lr(step, cfg.optim.lr, warmup, total_steps),
-        evaluate=evaluate,
-        cost=lambda step: step_cost,
-        grad_clip=cfg.optim.grad_clip,
-        log_fields=lambda step: {"epoch": round(step / steps_per_epoch, 3)},
-    )
-    val_loss = train(phase, trainer, state, log)
+    def make_phase(trainer, state) -> Phase:
+        def evaluate(m) -> float:
+            with trainer.autocast:
+                return validation_loss(m, val_set, cfg.optim.batch_size, pad, device, chunk=cfg.run.loss_chunk)
 
-    if sparsifier is not None:
-        sparsifier.check()
-    if distributed.is_sharded(model):
-        final = distributed.full_model(model)  # (every rank; None but on rank 0)
-    else:
-        final = model.merge_and_unload() if mode == "lora" else model
-    revived = 0
-    if masks is not None and mode == "dense" and final is not None:
-        named = dict(final.named_parameters())
-        revived = sum(int(torch.count_nonzero(named[k].detach().cpu()[~m])) for k, m in masks.items() if k in named)
-    summary = {
-        "kind": "finetune",
-        "task": cfg.data.task,
-        "mode": mode,
-        "source_run": str(from_run),
-        "source_sparsity": source.get("sparsity", {}).get("measured", 0.0 if masks is None else None),
-        "source_method": source.get("sparsity", {}).get("method", "dense"),
-        "pretrain_flops": source.get("train_flops"),
-        "pretrain_dense_flops": source.get("dense_train_flops"),
-        "pretrain_val_loss": source.get("final_val_loss"),
-        "finetune_flops": state["train_flops"],
-        "steps": state["step"],
-        "epochs": state["step"] / steps_per_epoch,
-        "train_pairs": len(train_set),
-        "tokens_seen": state["tokens_seen"],
-        "initial_val_loss": state["initial_val_loss"],
-        "final_val_loss": val_loss,
-        "final_val_ppl": math.exp(val_loss),
-        "formerly_zero_weights": masked_weights,
-        "formerly_zero_weights_now_nonzero": revived,
-        "skipped_rows": task.skipped,
-        "pairs_left_out_too_long": {"train": long_train, "validation": long_val},
-        "wall_time_s": state["wall_time_s"],
-        "device": str(device),
-        "world_size": dist.world_size,
-        "prompt_format": {"prompt": "{input}" + SEPARATOR, "target": " {text}" + (tokenizer.eos_token or ""),
-                          "example": train_pairs[0][0] if train_pairs else ""},
-        "command": invocation(),
-    }
-    final_masks = sparsifier.state_dict() if sparsifier is not None else None  # (gathers shards: every rank)
-    if dist.is_main:
-        final.generation_config = DecodingConfig().generation_config(tokenizer.eos_token_id)
-        save_run(out, final, lambda d: tokenizer.save_pretrained(str(d)), final_masks, summary,
-                 adapter=model if mode == "lora" else None, keep_checkpoint=cfg.run.keep_checkpoint)
-    return summary
+        if state["initial_val_loss"] is None:
+            state["initial_val_loss"] = evaluate(trainer.model)
+        step_cost = StepCost(passes * fwd, passes * dense_fwd, float(sum(p.numel() for p in trainer.model.parameters())))
+        warmup = int(cfg.optim.warmup_ratio * total_steps)
+        return Phase(
+            name=f"finetune {cfg.data.task} ({mode})",
+            total_steps=total_steps,
+            batch=batch,
+            loss=lambda m, b: target_loss(m, *b, chunk=cfg.run.loss_chunk),
+            lr=lambda step: linear_lr(step, cfg.optim.lr, warmup, total_steps),
+            evaluate=evaluate,
+            cost=lambda step: step_cost,
+            grad_clip=cfg.optim.grad_clip,
+            log_fields=lambda step: {"epoch": round(step / steps_per_epoch, 3)},
+        )
+
+    def summarize(trainer, state, val_loss, final) -> dict:
+        revived = 0
+        if masks is not None and mode == "dense" and final is not None:
+            named = dict(final.named_parameters())
+            revived = sum(int(torch.count_nonzero(named[k].detach().cpu()[~m])) for k, m in masks.items() if k in named)
+        return {
+            "kind": "finetune",
+            "task": cfg.data.task,
+            "mode": mode,
+            "source_run": str(from_run),
+            "source_sparsity": source.get("sparsity", {}).get("measured", 0.0 if masks is None else None),
+            "source_method": source.get("sparsity", {}).get("method", "dense"),
+            "pretrain_flops": source.get("train_flops"),
+            "pretrain_dense_flops": source.get("dense_train_flops"),
+            "pretrain_val_loss": source.get("final_val_loss"),
+            "finetune_flops": state["train_flops"],
+            "epochs": state["step"] / steps_per_epoch,
+            "train_pairs": len(train_set),
+            "initial_val_loss": state["initial_val_loss"],
+            "final_val_loss": val_loss,
+            "final_val_ppl": math.exp(val_loss),
+            "formerly_zero_weights": masked_weights,
+            "formerly_zero_weights_now_nonzero": revived,
+            "skipped_rows": task.skipped,
+            "pairs_left_out_too_long": {"train": long_train, "validation": long_val},
+            "prompt_format": {"prompt": "{input}" + SEPARATOR, "target": " {text}" + (tokenizer.eos_token or ""),
+                              "example": train_pairs[0][0] if train_pairs else ""},
+        }
+
+    return run_phase(cfg, start, setup, make_phase, summarize)

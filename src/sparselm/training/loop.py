@@ -1,10 +1,11 @@
 """The one training loop, for pre-training and fine-tuning alike, read top to bottom.
 
 A phase (``pretraining.py``, ``finetuning.py``) supplies what differs: its batches, its loss, its
-learning-rate curve, its validation loss and its FLOP cost per token. Everything else is here, once:
-the step (batch -> forward under autocast -> backward -> sparsity hook -> clip -> optimizer step ->
-sparsity hook; fp16 scales the loss), the log / eval / checkpoint cadence, the run-directory guard, resume with a config
-check, DDP and ``torch.compile``, and signals. SIGINT, SIGTERM (what clusters send before
+learning-rate curve, its validation loss and its FLOP cost per token (``engine.run_phase`` builds
+the rest around the loop in one order; ``rundir.py`` holds the run-directory and resume policy).
+Everything else is here, once: the step (batch -> forward under autocast -> backward -> sparsity
+hook -> clip -> optimizer step -> sparsity hook; fp16 scales the loss), the log / eval / checkpoint
+cadence, DDP and ``torch.compile``, and signals. SIGINT, SIGTERM (what clusters send before
 pre-emption) and SIGUSR1 (Slurm's ``--signal``) only set a flag; the loop checks it at the step
 boundary, saves a checkpoint that holds exactly the steps it is labelled with, and stops.
 """
@@ -24,20 +25,15 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..files import MANIFEST, read_json
 from . import distributed
 from .. import flops
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint, truncate_metrics
-from .config import RESUMABLE_CHANGES, RunConfig
+from .checkpoint import save_checkpoint, save_sharded_checkpoint
+from .config import RunConfig
 from .reporting import Reporters, parse_report_to
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
-
-
-class RunExistsError(FileExistsError):
-    """The output directory already holds a run."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -166,130 +162,6 @@ def device_warnings(run: RunConfig, device: torch.device, dist: distributed.Dist
     if run.dtype == "float16" and device.type == "cpu":
         out.append("run.dtype=float16 on the CPU is slow; use bfloat16")
     return out
-
-
-def check_run_dir(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; refuse to overwrite a run unless resuming it."""
-    checkpoint = find_checkpoint(out)
-    if checkpoint is not None and not resume:
-        raise RunExistsError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
-    if (out / "summary.json").exists() and not resume:
-        raise RunExistsError(f"{out} already holds a finished run; choose another --out")
-    return checkpoint
-
-
-@dataclass
-class RunStart:
-    """Where a phase starts: its directory, device and ranks, and what is already there."""
-
-    out: Path
-    device: torch.device
-    dist: distributed.Dist
-    log: Callable
-    checkpoint: Path | None  # to resume from
-    finished: dict | None  # the summary of a finished run that needs nothing more
-
-
-def start_run(cfg, resume: bool, progress: bool | None, log) -> RunStart:
-    """Device, process group and run directory for a training config (``cfg.run`` and ``to_dict``)."""
-    if progress is not None:
-        cfg.run.progress = progress
-    device = distributed.pick_device(cfg.run.device)
-    dist = distributed.setup(device)
-    log = log if dist.is_main else (lambda *a, **k: None)
-    if device.type == "cuda" and cfg.run.dtype != "float32":  # TF32 for fp32 matmuls left outside autocast
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    grad_scaler_for(device, cfg.run, sharded=dist.enabled and cfg.run.parallel == "fsdp")  # refused now, not after loading
-    for warning in device_warnings(cfg.run, device, dist):
-        if dist.is_main:
-            logger.warning(f"warning: {warning}")
-    out = Path(cfg.run.out)
-    checkpoint, finished = open_run_dir(out, cfg.to_dict(), resume, log, dist.world_size)
-    return RunStart(out, device, dist, log, checkpoint, finished)
-
-
-def open_run_dir(out: Path, config: dict, resume: bool, log, world_size: int = 1) -> tuple[Path | None, dict | None]:
-    """(checkpoint to resume from, or None; the summary of a finished run when there is nothing to
-    do). A resumed run must have the same config; a finished one resumed with the same step budget
-    is left as it is."""
-    checkpoint = check_run_dir(out, resume)
-    finished = out / "summary.json"
-    if checkpoint is None and not (resume and finished.exists()):
-        return None, None
-    saved_world = read_json(checkpoint / "trainer_state.json" if checkpoint is not None else finished).get("world_size")
-    saved = check_resume_config(out / "train_config.json", config, log, (saved_world, world_size))
-    if resume and finished.exists():
-        budget = lambda c: (_flat(c).get("optim.max_steps"), _flat(c).get("optim.epochs"))  # noqa: E731
-        if checkpoint is None and budget(saved) != budget(config):
-            raise ValueError(f"{out} is finished and its checkpoint was removed, so it cannot be trained further; "
-                             "start a new run (or keep checkpoints with --keep-checkpoint)")
-        if budget(saved) == budget(config):
-            log(f"{out} is already finished; nothing to do (raise optim.max_steps to train it further)")
-            return checkpoint, read_json(finished)
-        (out / MANIFEST).unlink(missing_ok=True)  # trained further: the finished run's files will change
-    return checkpoint, None
-
-
-def check_resume_config(saved_path: Path, current: dict, log, world_sizes: tuple[int | None, int] = (1, 1)) -> dict:
-    """A resumed run must continue the same trajectory: only RESUMABLE_CHANGES may differ, and
-    ``optim.grad_accum`` when it keeps the global batch (grad_accum x ranks; ``world_sizes`` is
-    (saved, now; saved None for checkpoints older than that record)): a run saved on 2 ranks resumes
-    on 1 with twice the micro-batches and reads the same data (pre-training numbers micro-batches
-    globally)."""
-    try:
-        saved = read_json(saved_path, "cannot resume this run: restore it from a copy or start a new run")
-    except FileNotFoundError:
-        raise RunExistsError(f"{saved_path} is missing: cannot check that the resumed run has the same config") from None
-    accum = [_flat(c).get("optim.grad_accum") for c in (saved, current)]
-    known = None not in accum and world_sizes[0] is not None
-    same_batch = known and accum[0] * world_sizes[0] == accum[1] * world_sizes[1]
-    # a warm-up derived from the step budget (training.config.fit_budget_defaults) follows a new budget
-    new_budget = _flat(saved).get("optim.max_steps") != _flat(current).get("optim.max_steps")
-    diffs = [k for k in sorted(set(_flat(saved)) | set(_flat(current)))
-             if k not in RESUMABLE_CHANGES and _flat(saved).get(k) != _flat(current).get(k)
-             and not (k == "optim.grad_accum" and same_batch) and not (k == "optim.warmup_steps" and new_budget)]
-    if diffs:
-        k = diffs[0]
-        raise ValueError(f"cannot resume: the config differs from the run's {saved_path.name} in {diffs} "
-                         f"(e.g. {k}: saved {_flat(saved).get(k)!r}, now {_flat(current).get(k)!r}); "
-                         "resume with the same settings or use a new --out")
-    for k in ("optim.max_steps", "optim.epochs"):
-        if _flat(saved).get(k) != _flat(current).get(k):
-            log(f"note: {k} changed {_flat(saved).get(k)} -> {_flat(current).get(k)}; the LR schedule follows the new value")
-    if known and not same_batch:
-        log(f"note: saved on {world_sizes[0]} rank(s) x grad_accum {accum[0]}, resumed on {world_sizes[1]} x "
-            f"{accum[1]}: the global batch changes (keep grad_accum x ranks = {accum[0] * world_sizes[0]} to continue "
-            "the same trajectory)")
-    return saved
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "options":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def restore(trainer: Trainer, checkpoint: Path | None, resume: bool, state: dict, log) -> dict:
-    """Load the checkpoint into model, optimizer and masks; drop metric rows logged after it."""
-    metrics = trainer.out / "metrics.jsonl"
-    if checkpoint is not None:
-        masks, state = load_checkpoint(checkpoint, trainer.model, trainer.optimizer, map_location=trainer.device)
-        if trainer.sparsifier is not None and not trainer.sparsifier.released(state["step"]):
-            trainer.sparsifier.load_state_dict(masks)  # (in a dense tail the weights are no longer masked)
-        if trainer.dist.is_main:
-            truncate_metrics(metrics, state["step"])
-        scaler_state = state.pop("grad_scaler", None)
-        if trainer.scaler is not None and scaler_state is not None:
-            trainer.scaler.load_state_dict(scaler_state)
-        log(f"resumed from {checkpoint} at step {state['step']}")
-    elif resume and metrics.exists() and trainer.dist.is_main:
-        truncate_metrics(metrics, 0)  # rows of an attempt killed before its first checkpoint
-        log(f"no checkpoint in {trainer.out}; starting the run again")
-    return state
 
 
 def new_state(**extra) -> dict:

@@ -15,22 +15,19 @@ from ..data import eval_batches, get_batch, prepare_corpus
 from ..data.paths import default_corpus
 from ..data.tokenizer import save_hf_tokenizer
 from ..models import build_model, load_model
-from ..models.card import invocation
 from ..models.loss import chunked_cross_entropy
 from ..sparsity import global_sparsity
 from ..sparsity.semi_structured import use_semi_structured
 from ..sparsity.sharding import count_nonzero
-from .checkpoint import save_run
 from .config import PretrainConfig
-from . import distributed
-from .loop import (Phase, RunExistsError, StepCost, Trainer, autocast_for, new_state, prepare_model, restore, start_run,
-                   train)
+from .engine import PhaseSetup, run_phase, start_run
+from .loop import Phase, StepCost
 from .lock import writes_run
 from .optim import adamw, cosine_lr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunExistsError", "pretrain", "param_count", "next_token_loss"]
+__all__ = ["pretrain", "param_count", "next_token_loss"]
 
 
 def param_count(model: torch.nn.Module) -> int:
@@ -68,9 +65,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
     start = start_run(cfg, resume, progress, log)
     if start.finished is not None:
         return start.finished
-    out, device, dist, log, checkpoint = start.out, start.device, start.dist, start.log, start.checkpoint
-    for note in getattr(cfg, "notes", ()):
-        log(note)
+    device, dist, log = start.device, start.dist, start.log
 
     shape, init = cfg.shape(), cfg.model.init_from
     options = cfg.data.prepare_options()
@@ -98,91 +93,92 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
         model = build_model(shape, corpus.eos_id).to(device)
         save_tokenizer = functools.partial(save_hf_tokenizer, corpus.dir / "tokenizer.json",
                                            model_max_length=shape.block_size, eos_token=corpus.eos_token)
-    prepare_model(model, cfg.run, device, dist)  # (FSDP shards it: optimizer and masks come after)
-    optimizer = adamw(model, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), device.type)
-    sparsifier = cfg.sparsity.build(cfg.optim.max_steps, cfg.run.seed)
-    if sparsifier is not None:
-        sparsifier.attach(model, optimizer)
-    if cfg.run.kernel == "semi-structured" and device.type == "cuda":  # (elsewhere start_run said it does not apply)
-        use_semi_structured(model, sparsifier, cfg.run.dtype, log=logger.warning)
-    trainer = Trainer(model, optimizer, sparsifier, device, dist, cfg.run, out, autocast_for(device, cfg.run.dtype))
-    state = restore(trainer, checkpoint, resume, new_state(), log)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "train_config.json")
-        save_tokenizer(out_dir=out)
 
+    def attach_sparsifier(model, optimizer):
+        sparsifier = cfg.sparsity.build(cfg.optim.max_steps, cfg.run.seed)
+        if sparsifier is not None:
+            sparsifier.attach(model, optimizer)
+        if cfg.run.kernel == "semi-structured" and device.type == "cuda":  # (elsewhere start_run said it does not apply)
+            use_semi_structured(model, sparsifier, cfg.run.dtype, log=logger.warning)
+        return sparsifier
+
+    setup = PhaseSetup(
+        model=model,
+        optimizer=lambda m: adamw(m, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), device.type),
+        sparsifier=attach_sparsifier,
+        save_files=lambda d: save_tokenizer(out_dir=d),
+    )
     n_params = param_count(model)
     dense_fpt = flops.train_flops_per_token(shape, 1.0)
     masks_cost: dict = {}
 
-    def cost(step: int) -> StepCost:
-        if sparsifier is None or sparsifier.released(step):  # dense run, or Variable SPDF's dense tail
-            return StepCost(dense_fpt, dense_fpt, float(n_params))
-        if masks_cost.get("masks") is not sparsifier.masks:  # recomputed only when masks move
-            pruned = sum(m.numel() - count_nonzero(m) for m in sparsifier.masks.values())
-            masks_cost.update(masks=sparsifier.masks, densities=sparsifier.densities(), nonzero=float(n_params - pruned))
-        dense_grad = sparsifier.dense_gradient_step(step)  # RigL reads the dense gradient
-        fpt = flops.train_flops_per_token(shape, masks_cost["densities"], dense_weight_grad=dense_grad)
-        return StepCost(fpt, dense_fpt, masks_cost["nonzero"])
+    def make_phase(trainer, state) -> Phase:
+        sparsifier = trainer.sparsifier
 
-    autocast = trainer.autocast
-    micro_batches = cfg.optim.grad_accum * dist.world_size  # per step, over all ranks
-    phase = Phase(
-        name="pretrain",
-        total_steps=cfg.optim.max_steps,
-        batch=lambda step, micro: get_batch(train_tokens, cfg.optim.batch_size, shape.block_size, cfg.run.seed,
-                                            step * micro_batches + micro * dist.world_size + dist.rank, device),
-        loss=functools.partial(next_token_loss, vocab_size=corpus.vocab_size, chunk=cfg.run.loss_chunk),
-        lr=lambda step: cosine_lr(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio),
-        evaluate=lambda m: evaluate_loss(m, val_tokens, cfg.optim.batch_size, shape.block_size, cfg.run.eval_batches,
-                                         device, autocast, corpus.vocab_size, cfg.run.loss_chunk),
-        cost=cost,
-        grad_accum=cfg.optim.grad_accum,
-        grad_clip=cfg.optim.grad_clip,
-        log_fields=lambda step: {"sparsity": 0.0 if sparsifier.released(step - 1) else round(global_sparsity(sparsifier.masks), 5)}
-        if sparsifier is not None else {},
-    )
-    val_loss = train(phase, trainer, state, log)
+        def cost(step: int) -> StepCost:
+            if sparsifier is None or sparsifier.released(step):  # dense run, or Variable SPDF's dense tail
+                return StepCost(dense_fpt, dense_fpt, float(n_params))
+            if masks_cost.get("masks") is not sparsifier.masks:  # recomputed only when masks move
+                masks_cost.update(masks=sparsifier.masks, densities=sparsifier.densities(),
+                                  nonzero=float(_nonzero_params(n_params, sparsifier, step)))
+            dense_grad = sparsifier.dense_gradient_step(step)  # RigL reads the dense gradient
+            fpt = flops.train_flops_per_token(shape, masks_cost["densities"], dense_weight_grad=dense_grad)
+            return StepCost(fpt, dense_fpt, masks_cost["nonzero"])
 
-    ended_dense = sparsifier is not None and sparsifier.released(cfg.optim.max_steps - 1)  # Variable SPDF
-    if sparsifier is not None and not ended_dense:
-        sparsifier.check()
-    summary = {
-        "kind": "pretrain",
-        "preset": None if init else cfg.model.preset,
-        "init_from": init,
-        "family": shape.family,
-        "model": shape.to_dict(),
-        "n_params": n_params,
-        "final_val_loss": val_loss,
-        "final_val_ppl": math.exp(val_loss),
-        "unigram_entropy": corpus.unigram_entropy,
-        "steps": state["step"],
-        "tokens_seen": state["tokens_seen"],
-        "train_flops": state["train_flops"],
-        "dense_train_flops": state["dense_train_flops"],  # the dense model of the same shape, same tokens
-        "flops_reduction": state["dense_train_flops"] / state["train_flops"] if state["train_flops"] else 1.0,
-        "final_param_count": int(cost(state["step"]).nonzero_params),
-        "average_param_count": state["param_steps"] / max(1, state["step"]),
-        "sparsity": _sparsity_report(sparsifier, ended_dense),
-        "wall_time_s": state["wall_time_s"],
-        "device": str(device),
-        "world_size": dist.world_size,
-        "data": f"{cfg.data.corpus or default_corpus()}: {corpus.train_tokens:,} training tokens, "
-                f"tokenizer {corpus.tokenizer_source} ({corpus.vocab_size:,} tokens)",
-        "command": invocation(),
-    }
-    if cfg.sparsity.iso_flop != "none":  # Sparse-Wide: the saving is stated against the dense *base* model
-        summary["wide_dense_train_flops"] = state["dense_train_flops"]
-        base_fpt = flops.train_flops_per_token(cfg.model.shape().override(vocab_size=shape.vocab_size), 1.0)
-        summary["dense_train_flops"] = state["dense_train_flops"] * base_fpt / dense_fpt
-        summary["flops_reduction"] = summary["dense_train_flops"] / state["train_flops"] if state["train_flops"] else 1.0
-    masks = sparsifier.state_dict() if sparsifier is not None and not ended_dense else None  # (gathers shards)
-    whole = distributed.full_model(model) if distributed.is_sharded(model) else model  # (every rank)
-    if dist.is_main:
-        save_run(out, whole, lambda d: save_tokenizer(out_dir=d), masks, summary, keep_checkpoint=cfg.run.keep_checkpoint)
-    return summary
+        micro_batches = cfg.optim.grad_accum * dist.world_size  # per step, over all ranks
+        return Phase(
+            name="pretrain",
+            total_steps=cfg.optim.max_steps,
+            batch=lambda step, micro: get_batch(train_tokens, cfg.optim.batch_size, shape.block_size, cfg.run.seed,
+                                                step * micro_batches + micro * dist.world_size + dist.rank, device),
+            loss=functools.partial(next_token_loss, vocab_size=corpus.vocab_size, chunk=cfg.run.loss_chunk),
+            lr=lambda step: cosine_lr(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio),
+            evaluate=lambda m: evaluate_loss(m, val_tokens, cfg.optim.batch_size, shape.block_size, cfg.run.eval_batches,
+                                             device, trainer.autocast, corpus.vocab_size, cfg.run.loss_chunk),
+            cost=cost,
+            grad_accum=cfg.optim.grad_accum,
+            grad_clip=cfg.optim.grad_clip,
+            log_fields=lambda step: {"sparsity": 0.0 if sparsifier.released(step - 1) else round(global_sparsity(sparsifier.masks), 5)}
+            if sparsifier is not None else {},
+        )
+
+    def summarize(trainer, state, val_loss, final) -> dict:
+        sparsifier = trainer.sparsifier
+        ended_dense = sparsifier is not None and sparsifier.released(cfg.optim.max_steps - 1)  # Variable SPDF
+        summary = {
+            "kind": "pretrain",
+            "preset": None if init else cfg.model.preset,
+            "init_from": init,
+            "family": shape.family,
+            "model": shape.to_dict(),
+            "n_params": n_params,
+            "final_val_loss": val_loss,
+            "final_val_ppl": math.exp(val_loss),
+            "unigram_entropy": corpus.unigram_entropy,
+            "train_flops": state["train_flops"],
+            "dense_train_flops": state["dense_train_flops"],  # the dense model of the same shape, same tokens
+            "flops_reduction": state["dense_train_flops"] / state["train_flops"] if state["train_flops"] else 1.0,
+            "final_param_count": _nonzero_params(n_params, sparsifier, state["step"]),
+            "average_param_count": state["param_steps"] / max(1, state["step"]),
+            "sparsity": _sparsity_report(sparsifier, ended_dense),
+            "data": f"{cfg.data.corpus or default_corpus()}: {corpus.train_tokens:,} training tokens, "
+                    f"tokenizer {corpus.tokenizer_source} ({corpus.vocab_size:,} tokens)",
+        }
+        if cfg.sparsity.iso_flop != "none":  # Sparse-Wide: the saving is stated against the dense *base* model
+            summary["wide_dense_train_flops"] = state["dense_train_flops"]
+            base_fpt = flops.train_flops_per_token(cfg.model.shape().override(vocab_size=shape.vocab_size), 1.0)
+            summary["dense_train_flops"] = state["dense_train_flops"] * base_fpt / dense_fpt
+            summary["flops_reduction"] = summary["dense_train_flops"] / state["train_flops"] if state["train_flops"] else 1.0
+        return summary
+
+    return run_phase(cfg, start, setup, make_phase, summarize)
+
+
+def _nonzero_params(n_params: int, sparsifier, step: int) -> int:
+    """Parameters not pruned during ``step`` (all of them in a dense run or a dense tail)."""
+    if sparsifier is None or sparsifier.released(step):
+        return n_params
+    return n_params - sum(m.numel() - count_nonzero(m) for m in sparsifier.masks.values())
 
 
 def _copy_tokenizer(model_dir: str, out_dir) -> None:

@@ -9,7 +9,7 @@ from ..models.runs import load_run
 from ..sparsity import Magnitude, parse_n_m
 from .checkpoint import save_run
 from .config import PruneConfig
-from .loop import RunExistsError
+from .rundir import RunExistsError
 
 
 def prune_run(cfg: PruneConfig) -> dict:
