@@ -45,7 +45,7 @@ from ..files import MANIFEST, CorruptFileError, Staging, read_json, reading, ver
 FORMAT, VERSION, BIT_ORDER = "sparselm-sparse", 1, "big"
 META_KEY = "sparselm_export"
 LAYOUTS = ("auto", "bitmask", "2:4")
-TODO = "export the run again"
+REEXPORT_HINT = "export the run again"
 COPIED = ("config.json", "generation_config.json", "summary.json", "special_tokens_map.json", "vocab.json",
           "merges.txt", "added_tokens.json", "tokenizer.model")  # plus tokenizer*.json, chat_template*
 
@@ -62,11 +62,12 @@ def decode_bitmask(name: str, values: torch.Tensor, bitmask: torch.Tensor, shape
     numel = int(np.prod(shape))
     if bitmask.numel() != (numel + 7) // 8:
         raise CorruptFileError(f"{name}.bitmask has {bitmask.numel()} bytes, but a {tuple(shape)} weight needs "
-                               f"{(numel + 7) // 8}; {TODO}")
+                               f"{(numel + 7) // 8}; {REEXPORT_HINT}")
     mask = torch.from_numpy(np.unpackbits(bitmask.numpy(), count=numel, bitorder=BIT_ORDER).astype(bool))
     kept = int(mask.sum())
     if values.numel() != kept:
-        raise CorruptFileError(f"{name}: {values.numel()} values stored, but its bitmask keeps {kept} weights; {TODO}")
+        raise CorruptFileError(f"{name}: {values.numel()} values stored, but its bitmask keeps {kept} weights; "
+                               f"{REEXPORT_HINT}")
     dense = torch.zeros(numel, dtype=values.dtype)
     dense[mask] = values.reshape(-1)
     return dense.view(*shape)
@@ -104,11 +105,12 @@ def decode_2_4(name: str, values: torch.Tensor, indices: torch.Tensor, shape, in
     groups = cols // 4
     if tuple(values.shape) != (rows, cols // 2) or tuple(indices.shape) != (rows, (groups + 1) // 2):
         raise CorruptFileError(f"{name}: 2:4 values {tuple(values.shape)} and indices {tuple(indices.shape)} do not "
-                               f"fit a {tuple(shape)} weight; {TODO}")
+                               f"fit a {tuple(shape)} weight; {REEXPORT_HINT}")
     nibbles = torch.stack([indices & 0xF, indices >> 4], -1).reshape(rows, -1)[:, :groups]
     first, second = (nibbles & 3).long(), (nibbles >> 2).long()
     if (first >= second).any():
-        raise CorruptFileError(f"{name}.indices is corrupt (a group's kept positions are not increasing); {TODO}")
+        raise CorruptFileError(f"{name}.indices is corrupt (a group's kept positions are not increasing); "
+                               f"{REEXPORT_HINT}")
     mask = torch.zeros(rows, groups, 4, dtype=torch.bool)
     mask.scatter_(2, first.unsqueeze(-1), True).scatter_(2, second.unsqueeze(-1), True)
     dense = torch.zeros(rows, cols, dtype=values.dtype)
@@ -132,7 +134,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, layout: str = "auto") -
     from safetensors.torch import load_file, save_file
 
     from ..sparsity.selection import select_targets
-    from .runs import TODO as RUN_TODO, load_run
+    from .runs import RESTORE_RUN_HINT, load_run
 
     run, out = Path(run_dir), Path(out_dir)
     if layout not in LAYOUTS:
@@ -146,7 +148,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, layout: str = "auto") -
     model, _, masks, summary = load_run(run)  # checks the manifest, the mask counts and the tokenizer
     if not masks:
         raise ValueError(dense_run)
-    with reading(run / "model.safetensors", RUN_TODO):
+    with reading(run / "model.safetensors", RESTORE_RUN_HINT):
         tensors = load_file(str(run / "model.safetensors"))  # as saved: tied weights once
     order = {n: i for i, (n, _) in enumerate(model.named_parameters(remove_duplicate=False))}
     names = sorted(masks, key=lambda n: order.get(n, len(order)))  # layer order, for "the first offending layer"
@@ -213,7 +215,7 @@ def _decode(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
 
     file = path / "model.safetensors"
-    with reading(file, TODO), safe_open(str(file), "pt") as f:
+    with reading(file, REEXPORT_HINT), safe_open(str(file), "pt") as f:
         raw_meta = (f.metadata() or {}).get(META_KEY)
         stored = {k: f.get_tensor(k) for k in f.keys()}
     if raw_meta is None:
@@ -221,7 +223,7 @@ def _decode(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as e:
-        raise CorruptFileError(f"{file}: its {META_KEY} metadata is not JSON ({e.msg}); {TODO}") from None
+        raise CorruptFileError(f"{file}: its {META_KEY} metadata is not JSON ({e.msg}); {REEXPORT_HINT}") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{file}: format {meta.get('format')} version {meta.get('version')} is not "
                          f"{FORMAT} version {VERSION}; use the sparselm that wrote it")
@@ -231,9 +233,10 @@ def _decode(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             values = stored.pop(f"{name}.values")
             other = stored.pop(f"{name}.indices" if e["layout"] == "2:4" else f"{name}.bitmask")
         except KeyError as missing:
-            raise CorruptFileError(f"{file} has no tensor {missing} ({name} is stored as {e['layout']}); {TODO}") from None
+            raise CorruptFileError(f"{file} has no tensor {missing} ({name} is stored as {e['layout']}); "
+                                   f"{REEXPORT_HINT}") from None
         if str(values.dtype) != e["dtype"]:
-            raise CorruptFileError(f"{file}: {name}.values is {values.dtype}, recorded {e['dtype']}; {TODO}")
+            raise CorruptFileError(f"{file}: {name}.values is {values.dtype}, recorded {e['dtype']}; {REEXPORT_HINT}")
         if e["layout"] == "2:4":
             tensors[name] = decode_2_4(name, values, other, e["shape"], e["in_axis"])
         else:
@@ -253,8 +256,8 @@ def load_exported(path: str | Path, semi_structured: bool = False):
     from .runs import load_tokenizer
 
     path = Path(path)
-    verify(path, TODO)
-    read_json(path / "config.json", TODO)
+    verify(path, REEXPORT_HINT)
+    read_json(path / "config.json", REEXPORT_HINT)
     tensors, meta = _decode(path)
     config = AutoConfig.from_pretrained(str(path))
     dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
@@ -270,7 +273,7 @@ def load_exported(path: str | Path, semi_structured: bool = False):
     except RuntimeError as e:
         raise ValueError(f"{path}: the exported weights do not match the {config.model_type} model: {e}") from None
     model.eval()
-    with reading(f"the tokenizer files in {path}", TODO):
+    with reading(f"the tokenizer files in {path}", REEXPORT_HINT):
         tok = load_tokenizer(path)
     if semi_structured:
         _semi_structured(model, [n for n, e in meta["tensors"].items() if e["layout"] == "2:4"])
