@@ -9,9 +9,11 @@ three quarters of those bytes are zeros. ``export_run`` writes the same weights 
   1-D, in W's dtype; and ``<name>.bitmask``, uint8, ``numpy.packbits(mask.flatten(), bitorder="big")``:
   element 0 of the flattened mask is the most significant bit of byte 0, the last byte is padded
   with zero bits. 1 bit per weight.
-* layout ``2:4`` (every group of 4 consecutive weights along the input axis keeps exactly 2): the
-  packed layout of an (out, in) matrix (GPT-2's Conv1D stores (in, out), so it is transposed first):
-  ``<name>.values``, shape (out, in/2), the two kept values of each group in input order; and
+* layout ``2:4`` (every group of 4 consecutive weights along the input axis keeps at most 2: the
+  rule of ``sparselm.sparsity.masks.nm_problem``, which the 2:4 kernels share): the packed layout of
+  an (out, in) matrix (GPT-2's Conv1D stores (in, out), so it is transposed first):
+  ``<name>.values``, shape (out, in/2), the two stored values of each group in input order (a group
+  that keeps fewer than 2 is padded with zero values at its lowest positions not kept); and
   ``<name>.indices``, uint8, shape (out, ceil(in/8)): per group of 4 one 4-bit nibble, bits 0-1 the
   position (0-3) of the first kept weight, bits 2-3 of the second (first < second); group 2k in the
   low nibble of byte k, group 2k+1 in its high nibble (a last odd group leaves the high nibble 0).
@@ -41,6 +43,7 @@ import numpy as np
 import torch
 
 from ..files import MANIFEST, CorruptFileError, Staging, read_json, reading, verify, write_json
+from ..sparsity.masks import nm_problem
 
 FORMAT, VERSION, BIT_ORDER = "sparselm-sparse", 1, "big"
 META_KEY = "sparselm_export"
@@ -74,25 +77,24 @@ def decode_bitmask(name: str, values: torch.Tensor, bitmask: torch.Tensor, shape
 
 
 def not_2_4(mask: torch.Tensor, in_axis: int | None) -> str | None:
-    """Why ``mask`` is not 2:4 along its input axis, or None when it is."""
+    """Why ``mask`` cannot be stored in the 2:4 layout (``nm_problem`` of 2:4), or None when it can."""
     if in_axis is None:
         return "not the weight of a linear layer"
-    m = mask.movedim(in_axis, -1)
-    if m.shape[-1] % 4:
-        return f"input dimension {m.shape[-1]} is not divisible by 4"
-    counts = m.reshape(-1, 4).sum(-1)
-    bad = (counts != 2).nonzero().flatten()
-    if not len(bad):
-        return None
-    return f"its 4-weight group {int(bad[0])} along the input axis keeps {int(counts[bad[0]])}, not 2"
+    return nm_problem(mask, 2, 4, in_axis)
 
 
 def encode_2_4(weight: torch.Tensor, mask: torch.Tensor, in_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values (out, in/2), nibble indices (out, ceil(in/8))) of a 2:4 weight, as the module docstring says."""
+    """(values (out, in/2), nibble indices (out, ceil(in/8))) of a weight whose mask keeps at most 2 of
+    every 4 along ``in_axis``, as the module docstring says: a group with fewer is padded."""
     w, m = weight.movedim(in_axis, -1), mask.movedim(in_axis, -1)
     rows, cols = m.shape
-    values = w[m].reshape(rows, cols // 2)  # boolean indexing keeps row-major order: kept values in input order
-    pos = m.reshape(rows, cols // 4, 4).nonzero()[:, 2].reshape(rows, cols // 4, 2).to(torch.uint8)
+    groups = m.reshape(rows, cols // 4, 4)
+    free = ~groups  # pad each group to 2 with its lowest positions not kept
+    stored = groups | (free & (free.cumsum(-1) <= 2 - groups.sum(-1, keepdim=True)))
+    stored = stored.reshape(rows, cols)
+    # boolean indexing keeps row-major order: the stored values of each group in input order
+    values = torch.where(m, w, torch.zeros_like(w))[stored].reshape(rows, cols // 2)
+    pos = stored.reshape(rows, cols // 4, 4).nonzero()[:, 2].reshape(rows, cols // 4, 2).to(torch.uint8)
     nibbles = pos[..., 0] | (pos[..., 1] << 2)
     if nibbles.shape[1] % 2:
         nibbles = torch.cat([nibbles, torch.zeros(rows, 1, dtype=torch.uint8)], 1)
@@ -127,8 +129,9 @@ def _copied(run: Path) -> list[str]:
 def export_run(run_dir: str | Path, out_dir: str | Path, layout: str = "auto") -> dict:
     """Write run ``run_dir`` to ``out_dir`` in the compressed format; return what was written.
 
-    ``layout``: ``bitmask`` (any mask), ``2:4`` (refused unless every mask is 2:4 along its input
-    axis, naming the first layer that is not) or ``auto`` (2:4 where the whole run is, else bitmask).
+    ``layout``: ``bitmask`` (any mask), ``2:4`` (refused unless every mask keeps at most 2 of every 4
+    along its input axis, naming the first layer that does not) or ``auto`` (2:4 where every mask
+    keeps exactly 2 of every 4, else bitmask: the smaller of the two).
     A run without masks is refused: there is nothing to compress. Weights outside a mask must be
     zero (the mask describes the weights): otherwise the export would silently change the model."""
     from safetensors.torch import load_file, save_file
@@ -167,8 +170,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, layout: str = "auto") -
     first_bad = next((n for n in names if reasons[n]), None)
     if layout == "2:4" and first_bad:
         raise ValueError(f"{run} is not a 2:4 run: layer {first_bad} ({reasons[first_bad]}); every mask must keep "
-                         "exactly 2 of each 4 consecutive weights along the input axis; use --layout bitmask")
-    chosen = "2:4" if layout == "2:4" or (layout == "auto" and first_bad is None) else "bitmask"
+                         "at most 2 of each 4 consecutive weights along the input axis; use --layout bitmask")
+    # auto: 2:4 where every group keeps exactly 2 (then it is as small as the bitmask and loads onto the
+    # kernels); a sparser N:M run (1:4) is smaller as a bitmask, and --layout 2:4 packs it anyway
+    half = all(2 * int(masks[n].sum()) == masks[n].numel() for n in names)
+    chosen = "2:4" if layout == "2:4" or (layout == "auto" and first_bad is None and half) else "bitmask"
 
     stored, info = {}, {}
     for key, tensor in tensors.items():
