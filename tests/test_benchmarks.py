@@ -31,3 +31,13 @@ def test_gpu_suite_cpu_path_prints_every_row(capsys, monkeypatch):
         assert cells[5] == "n/a" and cells[10] == "n/a (no CUDA)"  # MFU, targets
     assert rows["2:4 static, semi-structured kernels"].split("|")[10].strip() == "0"  # no layer on 2:4 kernels
     assert "note: tiny, 2:4 static, semi-structured kernels: no CUDA device" in out
+
+
+def test_mask_update_benchmark_prints_both_implementations_with_identical_masks(capsys):
+    spec = importlib.util.spec_from_file_location("mask_update", ROOT / "benchmarks" / "mask_update.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--preset", "tiny", "--n-layer", "1", "--rounds", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith(("| set", "| rigl"))]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [(m, n) for m in ("set", "rigl") for n in bench.IMPLEMENTATIONS]
+    assert all(float(r[2]) > 0 and r[5].strip() == "yes" for r in rows)

@@ -31,10 +31,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 8, 300).save(str(root / "tok.json"))
 
-    def make(name, shape, **sparsity):
+    def make(name, shape, edit=None, **sparsity):
         torch.manual_seed(0)
         model = build_model(shape)
         sp = Static(**sparsity).attach(model)
+        if edit:  # hand-made masks (the pruned weights stay zero)
+            sp.load_state_dict(edit({k: m.clone() for k, m in sp.masks.items()}))
         save_run(root / name, model, lambda d: save_hf_tokenizer(root / "tok.json", d, shape.block_size),
                  sp.state_dict(), {"kind": "pretrain", "sparsity": sp.report()})
         return root / name
@@ -43,7 +45,19 @@ def runs(tmp_path_factory):
         "tiny-s75": make("tiny-s75", get_preset("tiny"), sparsity=0.75),
         "gpt2-2:4": make("gpt2-24", dataclasses.replace(get_preset("tiny"), **SMALL), n_m=(2, 4)),
         "llama-2:4": make("llama-24", dataclasses.replace(get_preset("llama-tiny"), **SMALL), n_m=(2, 4)),
+        "gpt2-1:4": make("gpt2-14", dataclasses.replace(get_preset("tiny"), **SMALL), n_m=(1, 4)),
+        "gpt2-3:4-group": make("gpt2-34", dataclasses.replace(get_preset("tiny"), **SMALL), edit=_three_of_four,
+                               n_m=(2, 4)),
     }
+
+
+THIRD_LAYER = "transformer.h.0.mlp.c_fc.weight"  # (Conv1D: (in, out)) the first mask it edits, in layer order
+
+
+def _three_of_four(masks):
+    """2:4 masks with one group of 4 inputs of ``THIRD_LAYER`` (output 7, inputs 4-7) keeping 3."""
+    masks[THIRD_LAYER][4:8, 7] = torch.tensor([True, True, True, False])
+    return masks
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +127,34 @@ def test_2_4_packing_with_an_odd_number_of_groups():
     assert values.shape == (3, 6) and indices.shape == (3, 2) and not (indices[:, 1] >> 4).any()
     assert torch.equal(decode_2_4("w", values, indices, (3, 12), 1), w * mask)
     assert torch.equal(decode_2_4("w", *encode_2_4(w.T * mask.T, mask.T, 0), (12, 3), 0), w.T * mask.T)
+
+
+def test_2_4_layout_pads_groups_that_keep_fewer_than_2():
+    w = torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -3.0, 1.0, 0.0, 2.0, 0.0]])
+    mask = w != 0  # groups keeping 0, 1 (position 0), 1 (position 3) and 2
+    values, indices = encode_2_4(w, mask, in_axis=1)
+    assert values.tolist() == [[0.0, 0.0, 5.0, 0.0, 0.0, -3.0, 1.0, 2.0]]  # zeros at the lowest free positions
+    nibbles = [int(indices[0, k // 2] >> (4 * (k % 2))) & 0xF for k in range(4)]
+    assert [(n & 3, n >> 2) for n in nibbles] == [(0, 1), (0, 1), (0, 3), (0, 2)]
+    assert torch.equal(decode_2_4("w", values, indices, (1, 16), 1), w)
+
+
+def test_a_1_4_run_packs_as_2_4_on_request_and_auto_picks_the_smaller_bitmask(runs, tmp_path):
+    run = runs["gpt2-1:4"]
+    packed = export_run(run, tmp_path / "packed", layout="2:4")
+    assert packed["layout"] == "2:4" and packed["sparsity"] == pytest.approx(0.75)
+    assert_same_weights(run, load_exported(tmp_path / "packed")[0])
+    auto = export_run(run, tmp_path / "auto")
+    assert auto["layout"] == "bitmask" and auto["exported_bytes"] < packed["exported_bytes"]
+    assert_same_weights(run, load_exported(tmp_path / "auto")[0])
+
+
+def test_a_group_keeping_3_of_4_is_refused_naming_layer_and_group(runs, tmp_path):
+    run = runs["gpt2-3:4-group"]
+    with pytest.raises(ValueError, match=rf"not a 2:4 run: layer {THIRD_LAYER} \(output 7, inputs 4-7 keep 3 of 4, "
+                                         r"more than 2 \(the mask is not 2:4\)\)"):
+        export_run(run, tmp_path / "out", layout="2:4")
+    assert export_run(run, tmp_path / "auto")["layout"] == "bitmask"
 
 
 def test_a_values_count_that_does_not_match_the_bitmask_names_the_tensor(exported, tmp_path):

@@ -141,3 +141,112 @@ def test_bad_arguments():
         make_sparsifier("nope")
     with pytest.raises(ValueError, match="unknown sparsity distribution"):
         Static(0.5, distribution="nope").attach(gpt())
+
+
+# ---- topk_mask: a threshold with a tie rule, equal to the stable sort it replaced --------------------------
+def stable_sort_topk_mask(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """The reference: topk_mask as it was (a stable descending sort of the whole layer)."""
+    flat = scores.reshape(-1).float()
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)
+    if n_keep > 0:
+        idx = torch.sort(flat, descending=True, stable=True).indices[:n_keep]
+        mask[idx] = True
+    return mask.view(scores.shape)
+
+
+def _scores(kind: str, g: torch.Generator) -> torch.Tensor:
+    shape = (37, 23)
+    nan, inf, lowest = float("nan"), float("inf"), torch.finfo(torch.float32).min
+    if kind == "random":
+        return torch.rand(shape, generator=g)
+    if kind == "small integers":  # heavy ties everywhere
+        return torch.randint(0, 4, shape, generator=g).float()
+    if kind == "all equal":
+        return torch.full(shape, 0.5)
+    if kind == "bool":
+        return torch.rand(shape, generator=g) > 0.7
+    if kind == "float16 ties":
+        return (torch.rand(shape, generator=g) * 8).round().half()
+    if kind == "float64":
+        return torch.rand(shape, generator=g, dtype=torch.float64) * 1e-9 + 1  # rounds to float32 ties
+    if kind == "SET fillers":  # finfo.min and -inf where a method never wants to pick, +inf, -0.0 == 0.0
+        s = torch.randint(0, 3, shape, generator=g).float()
+        pick = torch.rand(shape, generator=g)
+        return s.masked_fill(pick < 0.3, lowest).masked_fill(pick > 0.9, -inf).masked_fill(pick.sub(0.5).abs() < 0.02, inf) \
+                .masked_fill((pick - 0.6).abs() < 0.05, -0.0).masked_fill((pick - 0.7).abs() < 0.05, 0.0)
+    if kind == "NaN":
+        s = torch.randint(0, 3, shape, generator=g).float()
+        return s.masked_fill(torch.rand(shape, generator=g) < 0.1, nan).masked_fill(torch.rand(shape, generator=g) < 0.05, inf)
+    raise ValueError(kind)
+
+
+KINDS = ["random", "small integers", "all equal", "bool", "float16 ties", "float64", "SET fillers", "NaN"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_mask_equals_the_stable_sort(kind):
+    from sparselm.sparsity.masks import topk_mask
+
+    g = torch.Generator().manual_seed(KINDS.index(kind))
+    numel = 37 * 23
+    for trial in range(4):
+        scores = _scores(kind, g)
+        n_nan = int(torch.isnan(scores.float()).sum())
+        for n_keep in {-1, 0, 1, 2, n_nan, n_nan + 1, numel // 4, numel // 2, numel // 2 + 1, 3 * numel // 4,
+                       numel - 1, numel, numel + 3, int(torch.randint(1, numel, (1,), generator=g))}:
+            got, want = topk_mask(scores, n_keep), stable_sort_topk_mask(scores, n_keep)
+            assert got.dtype == torch.bool and got.shape == scores.shape and got.device == scores.device
+            assert torch.equal(got, want), (kind, trial, n_keep)
+            assert int(got.sum()) == min(max(n_keep, 0), numel)
+
+
+def test_topk_mask_tie_rule_keeps_the_lower_flat_index():
+    from sparselm.sparsity.masks import topk_mask
+
+    scores = torch.tensor([[1.0, 3.0, 2.0], [3.0, 2.0, 2.0]])
+    assert topk_mask(scores, 3).tolist() == [[False, True, True], [True, False, False]]
+    nan = float("nan")  # NaN ranks above +inf, NaNs by position
+    assert topk_mask(torch.tensor([1.0, nan, float("inf"), nan]), 1).tolist() == [False, True, False, False]
+    assert topk_mask(torch.tensor([1.0, nan, float("inf"), nan]), 3).tolist() == [False, True, True, True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", KINDS)
+def test_topk_mask_on_cuda_equals_the_cpu(kind):
+    from sparselm.sparsity.masks import topk_mask
+
+    scores = _scores(kind, torch.Generator().manual_seed(0))
+    for n_keep in (0, 1, 100, 500, 851):
+        got = topk_mask(scores.cuda(), n_keep)
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), stable_sort_topk_mask(scores, n_keep))
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_set_and_rigl_updates_give_the_masks_of_the_stable_sort(method, monkeypatch):
+    """The same training twice, with topk_mask and with the stable sort: identical masks at every update."""
+    from sparselm.sparsity import Schedule
+    from sparselm.sparsity import masks as M
+
+    def run():
+        model = gpt()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sp = make_sparsifier(method, sparsity=0.75, schedule=Schedule.of(12, 3, end=1.0)).attach(model, opt)
+        seen, g = [], torch.Generator().manual_seed(0)
+        for step in range(12):
+            x = torch.randint(0, SHAPE.vocab_size, (2, 9), generator=g)
+            model(input_ids=x[:, :-1], labels=x[:, 1:]).loss.backward()
+            sp.after_backward(step)
+            opt.step()
+            sp.after_step(step)
+            opt.zero_grad()
+            if sp.is_update_step(step):
+                seen.append({k: m.clone() for k, m in sp.masks.items()})
+        return seen
+
+    new = run()
+    monkeypatch.setattr(M, "topk_mask", stable_sort_topk_mask)
+    old = run()
+    assert len(new) == len(old) == 3  # updates at steps 3, 6, 9 (at 11 the drop fraction is 0: no update)
+    assert any(not torch.equal(new[0][k], new[-1][k]) for k in new[0])  # the masks moved
+    for a, b in zip(new, old):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

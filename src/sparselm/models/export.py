@@ -9,9 +9,11 @@ three quarters of those bytes are zeros. ``export_run`` writes the same weights 
   1-D, in W's dtype; and ``<name>.bitmask``, uint8, ``numpy.packbits(mask.flatten(), bitorder="big")``:
   element 0 of the flattened mask is the most significant bit of byte 0, the last byte is padded
   with zero bits. 1 bit per weight.
-* layout ``2:4`` (every group of 4 consecutive weights along the input axis keeps exactly 2): the
-  packed layout of an (out, in) matrix (GPT-2's Conv1D stores (in, out), so it is transposed first):
-  ``<name>.values``, shape (out, in/2), the two kept values of each group in input order; and
+* layout ``2:4`` (every group of 4 consecutive weights along the input axis keeps at most 2: the
+  rule of ``sparselm.sparsity.masks.nm_problem``, which the 2:4 kernels share): the packed layout of
+  an (out, in) matrix (GPT-2's Conv1D stores (in, out), so it is transposed first):
+  ``<name>.values``, shape (out, in/2), the two stored values of each group in input order (a group
+  that keeps fewer than 2 is padded with zero values at its lowest positions not kept); and
   ``<name>.indices``, uint8, shape (out, ceil(in/8)): per group of 4 one 4-bit nibble, bits 0-1 the
   position (0-3) of the first kept weight, bits 2-3 of the second (first < second); group 2k in the
   low nibble of byte k, group 2k+1 in its high nibble (a last odd group leaves the high nibble 0).
@@ -41,11 +43,12 @@ import numpy as np
 import torch
 
 from ..files import MANIFEST, CorruptFileError, Staging, read_json, reading, verify, write_json
+from ..sparsity.masks import nm_problem
 
 FORMAT, VERSION, BIT_ORDER = "sparselm-sparse", 1, "big"
 META_KEY = "sparselm_export"
 LAYOUTS = ("auto", "bitmask", "2:4")
-TODO = "export the run again"
+REEXPORT_HINT = "export the run again"
 COPIED = ("config.json", "generation_config.json", "summary.json", "special_tokens_map.json", "vocab.json",
           "merges.txt", "added_tokens.json", "tokenizer.model")  # plus tokenizer*.json, chat_template*
 
@@ -62,36 +65,36 @@ def decode_bitmask(name: str, values: torch.Tensor, bitmask: torch.Tensor, shape
     numel = int(np.prod(shape))
     if bitmask.numel() != (numel + 7) // 8:
         raise CorruptFileError(f"{name}.bitmask has {bitmask.numel()} bytes, but a {tuple(shape)} weight needs "
-                               f"{(numel + 7) // 8}; {TODO}")
+                               f"{(numel + 7) // 8}; {REEXPORT_HINT}")
     mask = torch.from_numpy(np.unpackbits(bitmask.numpy(), count=numel, bitorder=BIT_ORDER).astype(bool))
     kept = int(mask.sum())
     if values.numel() != kept:
-        raise CorruptFileError(f"{name}: {values.numel()} values stored, but its bitmask keeps {kept} weights; {TODO}")
+        raise CorruptFileError(f"{name}: {values.numel()} values stored, but its bitmask keeps {kept} weights; "
+                               f"{REEXPORT_HINT}")
     dense = torch.zeros(numel, dtype=values.dtype)
     dense[mask] = values.reshape(-1)
     return dense.view(*shape)
 
 
 def not_2_4(mask: torch.Tensor, in_axis: int | None) -> str | None:
-    """Why ``mask`` is not 2:4 along its input axis, or None when it is."""
+    """Why ``mask`` cannot be stored in the 2:4 layout (``nm_problem`` of 2:4), or None when it can."""
     if in_axis is None:
         return "not the weight of a linear layer"
-    m = mask.movedim(in_axis, -1)
-    if m.shape[-1] % 4:
-        return f"input dimension {m.shape[-1]} is not divisible by 4"
-    counts = m.reshape(-1, 4).sum(-1)
-    bad = (counts != 2).nonzero().flatten()
-    if not len(bad):
-        return None
-    return f"its 4-weight group {int(bad[0])} along the input axis keeps {int(counts[bad[0]])}, not 2"
+    return nm_problem(mask, 2, 4, in_axis)
 
 
 def encode_2_4(weight: torch.Tensor, mask: torch.Tensor, in_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values (out, in/2), nibble indices (out, ceil(in/8))) of a 2:4 weight, as the module docstring says."""
+    """(values (out, in/2), nibble indices (out, ceil(in/8))) of a weight whose mask keeps at most 2 of
+    every 4 along ``in_axis``, as the module docstring says: a group with fewer is padded."""
     w, m = weight.movedim(in_axis, -1), mask.movedim(in_axis, -1)
     rows, cols = m.shape
-    values = w[m].reshape(rows, cols // 2)  # boolean indexing keeps row-major order: kept values in input order
-    pos = m.reshape(rows, cols // 4, 4).nonzero()[:, 2].reshape(rows, cols // 4, 2).to(torch.uint8)
+    groups = m.reshape(rows, cols // 4, 4)
+    free = ~groups  # pad each group to 2 with its lowest positions not kept
+    stored = groups | (free & (free.cumsum(-1) <= 2 - groups.sum(-1, keepdim=True)))
+    stored = stored.reshape(rows, cols)
+    # boolean indexing keeps row-major order: the stored values of each group in input order
+    values = torch.where(m, w, torch.zeros_like(w))[stored].reshape(rows, cols // 2)
+    pos = stored.reshape(rows, cols // 4, 4).nonzero()[:, 2].reshape(rows, cols // 4, 2).to(torch.uint8)
     nibbles = pos[..., 0] | (pos[..., 1] << 2)
     if nibbles.shape[1] % 2:
         nibbles = torch.cat([nibbles, torch.zeros(rows, 1, dtype=torch.uint8)], 1)
@@ -104,11 +107,12 @@ def decode_2_4(name: str, values: torch.Tensor, indices: torch.Tensor, shape, in
     groups = cols // 4
     if tuple(values.shape) != (rows, cols // 2) or tuple(indices.shape) != (rows, (groups + 1) // 2):
         raise CorruptFileError(f"{name}: 2:4 values {tuple(values.shape)} and indices {tuple(indices.shape)} do not "
-                               f"fit a {tuple(shape)} weight; {TODO}")
+                               f"fit a {tuple(shape)} weight; {REEXPORT_HINT}")
     nibbles = torch.stack([indices & 0xF, indices >> 4], -1).reshape(rows, -1)[:, :groups]
     first, second = (nibbles & 3).long(), (nibbles >> 2).long()
     if (first >= second).any():
-        raise CorruptFileError(f"{name}.indices is corrupt (a group's kept positions are not increasing); {TODO}")
+        raise CorruptFileError(f"{name}.indices is corrupt (a group's kept positions are not increasing); "
+                               f"{REEXPORT_HINT}")
     mask = torch.zeros(rows, groups, 4, dtype=torch.bool)
     mask.scatter_(2, first.unsqueeze(-1), True).scatter_(2, second.unsqueeze(-1), True)
     dense = torch.zeros(rows, cols, dtype=values.dtype)
@@ -125,14 +129,15 @@ def _copied(run: Path) -> list[str]:
 def export_run(run_dir: str | Path, out_dir: str | Path, layout: str = "auto") -> dict:
     """Write run ``run_dir`` to ``out_dir`` in the compressed format; return what was written.
 
-    ``layout``: ``bitmask`` (any mask), ``2:4`` (refused unless every mask is 2:4 along its input
-    axis, naming the first layer that is not) or ``auto`` (2:4 where the whole run is, else bitmask).
+    ``layout``: ``bitmask`` (any mask), ``2:4`` (refused unless every mask keeps at most 2 of every 4
+    along its input axis, naming the first layer that does not) or ``auto`` (2:4 where every mask
+    keeps exactly 2 of every 4, else bitmask: the smaller of the two).
     A run without masks is refused: there is nothing to compress. Weights outside a mask must be
     zero (the mask describes the weights): otherwise the export would silently change the model."""
     from safetensors.torch import load_file, save_file
 
     from ..sparsity.selection import select_targets
-    from .runs import TODO as RUN_TODO, load_run
+    from .runs import RESTORE_RUN_HINT, load_run
 
     run, out = Path(run_dir), Path(out_dir)
     if layout not in LAYOUTS:
@@ -146,7 +151,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, layout: str = "auto") -
     model, _, masks, summary = load_run(run)  # checks the manifest, the mask counts and the tokenizer
     if not masks:
         raise ValueError(dense_run)
-    with reading(run / "model.safetensors", RUN_TODO):
+    with reading(run / "model.safetensors", RESTORE_RUN_HINT):
         tensors = load_file(str(run / "model.safetensors"))  # as saved: tied weights once
     order = {n: i for i, (n, _) in enumerate(model.named_parameters(remove_duplicate=False))}
     names = sorted(masks, key=lambda n: order.get(n, len(order)))  # layer order, for "the first offending layer"
@@ -165,8 +170,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, layout: str = "auto") -
     first_bad = next((n for n in names if reasons[n]), None)
     if layout == "2:4" and first_bad:
         raise ValueError(f"{run} is not a 2:4 run: layer {first_bad} ({reasons[first_bad]}); every mask must keep "
-                         "exactly 2 of each 4 consecutive weights along the input axis; use --layout bitmask")
-    chosen = "2:4" if layout == "2:4" or (layout == "auto" and first_bad is None) else "bitmask"
+                         "at most 2 of each 4 consecutive weights along the input axis; use --layout bitmask")
+    # auto: 2:4 where every group keeps exactly 2 (then it is as small as the bitmask and loads onto the
+    # kernels); a sparser N:M run (1:4) is smaller as a bitmask, and --layout 2:4 packs it anyway
+    half = all(2 * int(masks[n].sum()) == masks[n].numel() for n in names)
+    chosen = "2:4" if layout == "2:4" or (layout == "auto" and first_bad is None and half) else "bitmask"
 
     stored, info = {}, {}
     for key, tensor in tensors.items():
@@ -213,7 +221,7 @@ def _decode(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
 
     file = path / "model.safetensors"
-    with reading(file, TODO), safe_open(str(file), "pt") as f:
+    with reading(file, REEXPORT_HINT), safe_open(str(file), "pt") as f:
         raw_meta = (f.metadata() or {}).get(META_KEY)
         stored = {k: f.get_tensor(k) for k in f.keys()}
     if raw_meta is None:
@@ -221,7 +229,7 @@ def _decode(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as e:
-        raise CorruptFileError(f"{file}: its {META_KEY} metadata is not JSON ({e.msg}); {TODO}") from None
+        raise CorruptFileError(f"{file}: its {META_KEY} metadata is not JSON ({e.msg}); {REEXPORT_HINT}") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{file}: format {meta.get('format')} version {meta.get('version')} is not "
                          f"{FORMAT} version {VERSION}; use the sparselm that wrote it")
@@ -231,9 +239,10 @@ def _decode(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             values = stored.pop(f"{name}.values")
             other = stored.pop(f"{name}.indices" if e["layout"] == "2:4" else f"{name}.bitmask")
         except KeyError as missing:
-            raise CorruptFileError(f"{file} has no tensor {missing} ({name} is stored as {e['layout']}); {TODO}") from None
+            raise CorruptFileError(f"{file} has no tensor {missing} ({name} is stored as {e['layout']}); "
+                                   f"{REEXPORT_HINT}") from None
         if str(values.dtype) != e["dtype"]:
-            raise CorruptFileError(f"{file}: {name}.values is {values.dtype}, recorded {e['dtype']}; {TODO}")
+            raise CorruptFileError(f"{file}: {name}.values is {values.dtype}, recorded {e['dtype']}; {REEXPORT_HINT}")
         if e["layout"] == "2:4":
             tensors[name] = decode_2_4(name, values, other, e["shape"], e["in_axis"])
         else:
@@ -253,8 +262,8 @@ def load_exported(path: str | Path, semi_structured: bool = False):
     from .runs import load_tokenizer
 
     path = Path(path)
-    verify(path, TODO)
-    read_json(path / "config.json", TODO)
+    verify(path, REEXPORT_HINT)
+    read_json(path / "config.json", REEXPORT_HINT)
     tensors, meta = _decode(path)
     config = AutoConfig.from_pretrained(str(path))
     dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
@@ -270,7 +279,7 @@ def load_exported(path: str | Path, semi_structured: bool = False):
     except RuntimeError as e:
         raise ValueError(f"{path}: the exported weights do not match the {config.model_type} model: {e}") from None
     model.eval()
-    with reading(f"the tokenizer files in {path}", TODO):
+    with reading(f"the tokenizer files in {path}", REEXPORT_HINT):
         tok = load_tokenizer(path)
     if semi_structured:
         _semi_structured(model, [n for n, e in meta["tensors"].items() if e["layout"] == "2:4"])

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..files import MANIFEST, check_mask_counts, read_json, reading, verify
 from .family import load_model
 
-TODO = "restore the run directory from a copy or train the run again"
+RESTORE_RUN_HINT = "restore the run directory from a copy or train the run again"
 
 
 def load_tokenizer(path: str | Path):
@@ -29,18 +29,18 @@ def load_run(path: str | Path):
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json); pass a finished run, e.g. runs/tiny-s75")
-    manifest = verify(path, TODO) or {}
-    read_json(path / "config.json", TODO)  # load_model's own parse would not name the file
-    with reading(path / "model.safetensors", TODO):
+    manifest = verify(path, RESTORE_RUN_HINT) or {}
+    read_json(path / "config.json", RESTORE_RUN_HINT)  # load_model's own parse would not name the file
+    with reading(path / "model.safetensors", RESTORE_RUN_HINT):
         model = load_model(path)
-    with reading(f"the tokenizer files in {path}", TODO):
+    with reading(f"the tokenizer files in {path}", RESTORE_RUN_HINT):
         tok = load_tokenizer(path)
-    summary = read_json(path / "summary.json", TODO) if (path / "summary.json").exists() else {}
+    summary = read_json(path / "summary.json", RESTORE_RUN_HINT) if (path / "summary.json").exists() else {}
     masks = None
     if (path / "masks.safetensors").exists():
         from safetensors.torch import load_file
 
-        with reading(path / "masks.safetensors", TODO):
+        with reading(path / "masks.safetensors", RESTORE_RUN_HINT):
             masks = load_file(str(path / "masks.safetensors"))
         if manifest.get("mask_kept"):
             kept, source, tol = manifest["mask_kept"], path / MANIFEST, 0.0
@@ -48,5 +48,5 @@ def load_run(path: str | Path):
             layers = summary.get("sparsity", {}).get("layers", {})
             kept = {k: (1 - s) * masks[k].numel() for k, s in layers.items() if k in masks}
             source, tol = path / "summary.json", 1e-6
-        check_mask_counts(masks, kept, path / "masks.safetensors", str(source), TODO, rel_tol=tol)
+        check_mask_counts(masks, kept, path / "masks.safetensors", str(source), RESTORE_RUN_HINT, rel_tol=tol)
     return model, tok, masks, summary

@@ -1,7 +1,10 @@
 """2:4 semi-structured sparse kernels for the masked linears (opt-in, CUDA only).
 
 With an N:M 2:4 mask every group of 4 consecutive weights along a linear's input axis keeps at most
-2, which is the pattern NVIDIA's sparse tensor cores run (Ampere, compute capability 8.0, and later).
+2, which is the pattern NVIDIA's sparse tensor cores run (Ampere, compute capability 8.0, and later);
+``masks.nm_problem`` is the rule, shared with the 2:4 export. A group that keeps fewer (a 1:4 mask)
+is a 2:4 group with zeros: the compression stores a pruned zero like any value (PyTorch's CUTLASS
+conversion documents the encoding of groups with fewer than two non-zeros).
 ``use_semi_structured(model, sparsifier)`` switches the forward matmul of each masked linear to
 PyTorch's core semi-structured ops (``torch.sparse.SparseSemiStructuredTensor``, the class behind
 ``torch.sparse.to_sparse_semi_structured``; no torchao): every call compresses the current weight,
@@ -112,29 +115,15 @@ def shape_problem(out_features: int, in_features: int, dtype: torch.dtype = torc
     return None
 
 
-def mask_problem(mask: torch.Tensor, in_axis: int) -> str | None:
-    """Why ``mask`` is not 2:4 along its input axis (at most 2 kept in every 4 consecutive weights),
-    or None when it is."""
-    full = getattr(mask, "full_tensor", None)  # a sharded (FSDP2) mask: check the whole of it
-    m = (full() if callable(full) else mask).movedim(in_axis, -1)
-    if m.shape[-1] % 4:
-        return f"input dimension {m.shape[-1]} is not divisible by 4"
-    counts = m.reshape(-1, 4).sum(-1)
-    worst = int(counts.max()) if counts.numel() else 0
-    if worst > 2:
-        group = int((counts > 2).nonzero()[0, 0])
-        return f"its 4-weight group {group} along the input axis keeps {worst}, not at most 2 (the mask is not 2:4)"
-    return None
-
-
 def config_problem(sparsifier, dtype) -> str | None:
     """Why the sparsifier's masks or the compute dtype rule out the 2:4 kernels (no device needed)."""
     if sparsifier is None:
         return "the run is dense (no sparsity): there are no 2:4 masks"
-    if getattr(sparsifier, "n_m", None) != (2, 4):
-        n_m = getattr(sparsifier, "n_m", None)
+    n_m = getattr(sparsifier, "n_m", None)
+    if not n_m or n_m[1] != 4 or n_m[0] > 2:  # at most 2 kept of every 4: 2:4 or 1:4 (masks.nm_problem)
         got = f"{n_m[0]}:{n_m[1]}" if n_m else f"unstructured {getattr(sparsifier, 'sparsity', 0):.0%}"
-        return f"2:4 sparse kernels need N:M 2:4 masks (sparsity.n_m=2:4), this run's masks are {got}"
+        return (f"2:4 sparse kernels need N:M masks that keep at most 2 of every 4 (sparsity.n_m=2:4 or 1:4), "
+                f"this run's masks are {got}")
     if type(sparsifier).update_masks is not _base_update_masks():
         return (f"method {sparsifier.name!r} moves masks during training (they are 2:4 only at the end); the kernels "
                 "need fixed 2:4 masks (static or magnitude)")
@@ -200,7 +189,7 @@ def use_semi_structured(model: nn.Module, sparsifier, dtype="auto",
             skipped[t.name] = "not the weight of an nn.Linear or Conv1D"
             continue
         out_f, in_f = (t.param.shape[1], t.param.shape[0]) if t.in_axis == 0 else tuple(t.param.shape)
-        problem = shape_problem(out_f, in_f, dt, backend) or mask_problem(sparsifier.masks[t.name], t.in_axis)
+        problem = shape_problem(out_f, in_f, dt, backend) or M.nm_problem(sparsifier.masks[t.name], 2, 4, t.in_axis)
         if problem:
             skipped[t.name] = problem
             continue
@@ -363,58 +352,5 @@ def _probe(device: torch.device, backend: str, dtype: torch.dtype) -> str | None
     return _PROBE_ERRORS[key]
 
 
-# ---- the numerical check --------------------------------------------------------------------------------
-def numerical_check(in_features: int = 768, out_features: int = 3072, tokens: int = 1024, dtype=torch.bfloat16,
-                    conv1d: bool = False, device: str | torch.device = "cuda", backend: str | None = None,
-                    seed: int = 0) -> dict:
-    """One masked 2:4 linear (``nn.Linear``, or GPT-2's ``Conv1D`` when ``conv1d``) forward and
-    backward under ``dtype`` autocast, through the 2:4 kernel and through the dense-masked path.
-    Returns the max errors relative to the largest dense value of the output, the input gradient and
-    the weight gradient, the tolerance, and ``ok``. ``backend``: default, what ``device_problem`` picks
-    (on the CPU the op's dense reference: a check of the wiring, not of a kernel)."""
-    device = torch.device(device)
-    if backend is None:
-        if device.type == "cuda":
-            backend, why = device_problem(device, dtype)
-            if backend is None:
-                raise RuntimeError(f"no 2:4 kernels here: {why}")
-        else:
-            backend = "cusparselt"
-    g = torch.Generator().manual_seed(seed)
-    if conv1d:
-        from transformers.pytorch_utils import Conv1D
-
-        layer, in_axis = Conv1D(out_features, in_features), 0
-    else:
-        layer, in_axis = nn.Linear(in_features, out_features), 1
-    with torch.no_grad():
-        mask = M.nm_mask(torch.rand(layer.weight.shape, generator=g), 2, 4, in_axis)
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.05 * mask)
-        layer.bias.copy_(torch.randn(layer.bias.shape, generator=g) * 0.05)
-    layer.to(device)
-    x0 = torch.randn(2, tokens // 2, in_features, generator=g).to(device)
-    gy = torch.randn(2, tokens // 2, out_features, generator=g).to(device)
-
-    def run():
-        layer.zero_grad(set_to_none=True)
-        x = x0.clone().requires_grad_(True)
-        with torch.autocast(device.type, dtype=dtype):
-            y = layer(x)
-        (y.float() * gy).sum().backward()
-        return y.detach().float(), x.grad.detach().float(), layer.weight.grad.detach().float()
-
-    dense = run()
-    _install(layer, in_axis, backend)
-    try:
-        kernel = run()
-    finally:
-        del layer.forward, layer._sparselm_2to4
-    rel = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))  # noqa: E731
-    errors = {k: rel(a, b) for k, a, b in zip(("y", "grad_x", "grad_w"), kernel, dense)}
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-2
-    return {**errors, "tol": tol, "ok": all(e <= tol for e in errors.values()), "backend": backend,
-            "device": str(device), "dtype": str(dtype).replace("torch.", ""), "layout": "Conv1D" if conv1d else "Linear"}
-
-
-__all__ = ["use_semi_structured", "use_dense", "switched", "numerical_check", "shape_problem", "mask_problem",
-           "config_problem", "device_problem", "backend_for", "min_shape"]
+__all__ = ["use_semi_structured", "use_dense", "switched", "shape_problem", "config_problem", "device_problem",
+           "backend_for", "min_shape"]
