@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from sparselm.cli.main import main
 from sparselm.data.tokenizer import save_hf_tokenizer, train_tokenizer
-from sparselm.models import build_model, get_preset
+from sparselm.models import block_linear_names, build_model, get_preset, load_model
 
 SHAPES = {
     "gpt2": get_preset("tiny").override(n_layer=2, n_head=2, n_embd=32, block_size=128, vocab_size=320),
@@ -69,6 +69,7 @@ def test_pretrain_init_from_continues_from_the_loaded_weights(hf_dir, tmp_path, 
 
     assert main(["pretrain", *common, "--sparsity", "0.5", "--method", "magnitude", "--out", str(tmp_path / "sparse")]) == 0
     sparse, masks = weights(tmp_path / "sparse"), load_file(tmp_path / "sparse" / "masks.safetensors")
+    assert sorted(masks) == sorted(block_linear_names(load_model(hf_dir)))  # the family's block linears, no more
     for k, m in masks.items():
         assert torch.equal(sparse[k] != 0, m) or torch.count_nonzero(sparse[k][~m]) == 0
         torch.testing.assert_close(sparse[k][m], loaded[k][m], rtol=0, atol=1e-20)
@@ -80,6 +81,7 @@ def test_prune_finetune_and_evaluate_use_the_loaded_model(hf_dir, tmp_path):
     loaded = weights(hf_dir)
     assert main(["prune", "--from", str(hf_dir), "--out", str(tmp_path / "pruned"), "--sparsity", "0.5"]) == 0
     pruned, masks = weights(tmp_path / "pruned"), load_file(tmp_path / "pruned" / "masks.safetensors")
+    assert sorted(masks) == sorted(block_linear_names(load_model(hf_dir)))
     for k, v in loaded.items():
         expected = v * masks[k] if k in masks else v
         assert torch.equal(pruned[k], expected), k

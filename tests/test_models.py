@@ -7,10 +7,12 @@ from safetensors.torch import load_file, save_file
 
 from sparselm import flops
 from sparselm.models import (
-    FAMILIES, ModelFamily, ModelShape, build_model, context_length, family_for_config, get_family, get_preset,
-    load_model, lora_config_kwargs, register_family, shape_of,
+    FAMILIES, ModelFamily, ModelShape, block_linear_names, build_model, context_length, family_for_config, get_family,
+    get_preset, load_model, lora_config_kwargs, register_family, shape_of,
 )
-from sparselm.sparsity import select_targets
+from sparselm.sparsity import Static, select_targets
+
+from family_fixtures import FAMILY_NAMES, micro_shape
 
 GPT2_MICRO = ModelShape(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100)
 LLAMA_MICRO = ModelShape(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100,
@@ -24,7 +26,6 @@ class NeoXFamily(ModelFamily):
     model_type = "gpt_neox"
     model_class = transformers.GPTNeoXForCausalLM
     layer_prefix = "gpt_neox.layers.{i}."
-    lora_targets = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
     def hf_config(self, shape, eos_token_id=None):
         return transformers.GPTNeoXConfig(
@@ -63,19 +64,43 @@ def built(shape):
     return build_model(shape)
 
 
+def sizes(targets):
+    return {t.name: (t.param.shape[t.in_axis], t.param.numel() // t.param.shape[t.in_axis]) for t in targets}
+
+
 def assert_block_linears_are_the_masked_weights(shape):
-    """Every weight select_targets masks is a block linear of the family with the same (n_in, n_out), and back."""
-    selected = {}
-    for t in select_targets(built(shape)):
-        n_in = t.param.shape[t.in_axis]
-        selected[t.name] = (n_in, t.param.numel() // n_in)
-    listed = {b.param_name: (b.n_in, b.n_out) for b in get_family(shape.family).block_linears(shape)}
-    assert listed == selected
+    """The family's block linears are, with their (n_in, n_out), exactly the weights a sparse run masks
+    by default, and every linear weight inside a block is one of them (none is forgotten)."""
+    model = built(shape)
+    family = get_family(shape.family)
+    listed = {b.param_name: (b.n_in, b.n_out) for b in family.block_linears(shape)}
+    assert sizes(select_targets(model, include=block_linear_names(model))) == listed
+    in_blocks = [family.layer_prefix.format(i=i) + "*" for i in range(shape.n_layer)]
+    assert sizes(select_targets(model, include=in_blocks, exclude=())) == listed
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_block_linears_are_exactly_the_masked_weights(family):
+    assert_block_linears_are_the_masked_weights(micro_shape(family))
 
 
 @pytest.mark.parametrize("shape", [GPT2_MICRO, LLAMA_MICRO], ids=["gpt2", "llama"])
-def test_block_linears_are_exactly_the_masked_weights(shape):
-    assert_block_linears_are_the_masked_weights(shape)
+def test_family_selection_keeps_the_masks_of_the_name_globs(shape):
+    """Runs from before the family declared the masked weights: same targets, same order, same masks."""
+    by_globs, by_family = built(shape), built(shape)
+    old = Static(0.75, seed=3).attach(by_globs)
+    new = Static(0.75, seed=3, include=block_linear_names(by_family)).attach(by_family)
+    assert [t.name for t in new.targets] == [t.name for t in old.targets]
+    assert all(torch.equal(new.masks[k], old.masks[k]) for k in old.masks)
+
+
+def test_a_head_under_another_name_stays_dense():
+    """A Llama-style LM head called ``output`` slips past the engine's name globs, not past the family."""
+    model = built(LLAMA_MICRO)
+    model.output = torch.nn.Linear(64, 100, bias=False)
+    assert "output.weight" in {t.name for t in select_targets(model)}
+    assert "output.weight" not in block_linear_names(model)
+    assert "output.weight" not in Static(0.5, include=block_linear_names(model)).attach(model).masks
 
 
 def test_a_family_registered_elsewhere_builds_counts_flops_and_loads(neox, tmp_path):
@@ -224,10 +249,11 @@ def test_load_model_needs_a_config(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("shape", [GPT2_MICRO, LLAMA_MICRO], ids=["gpt2", "llama"])
-def test_lora_targets_are_the_block_linears(shape):
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_lora_targets_are_the_block_linears(family):
     from peft import LoraConfig, get_peft_model
 
+    shape = micro_shape(family)
     model = built(shape)
     kwargs = lora_config_kwargs(model)
     assert kwargs["fan_in_fan_out"] == (shape.family == "gpt2")

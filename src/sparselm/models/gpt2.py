@@ -21,7 +21,6 @@ class GPT2Family(ModelFamily):
     model_type = "gpt2"
     model_class = GPT2LMHeadModel
     layer_prefix = "transformer.h.{i}."
-    lora_targets = ("c_attn", "c_proj", "c_fc")
     lora_fan_in_fan_out = True  # Conv1D stores (in, out)
     harmless_keys = ("*.attn.masked_bias",)  # a buffer of old checkpoints that transformers does not skip itself
 

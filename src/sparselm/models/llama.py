@@ -13,7 +13,6 @@ class LlamaFamily(ModelFamily):
     model_type = "llama"
     model_class = LlamaForCausalLM
     layer_prefix = "model.layers.{i}."
-    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def hf_config(self, shape: ModelShape, eos_token_id: int | None = None) -> LlamaConfig:
         eos = eos_id(shape, eos_token_id)

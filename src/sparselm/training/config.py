@@ -163,11 +163,13 @@ class SparsityConfig:
         """The first step of the dense tail, or None without one."""
         return int(round((1.0 - self.dense_tail) * total_steps)) if self.dense_tail > 0 else None
 
-    def build(self, total_steps: int, seed: int) -> Sparsifier | None:
-        """The configured method, or None for a dense run."""
+    def build(self, total_steps: int, seed: int, default_include: list[str] | None = None) -> Sparsifier | None:
+        """The configured method, or None for a dense run. ``default_include``: the weights to mask when
+        ``include`` is unset (the model family's block linears; None: the engine's name globs)."""
         if not self.enabled:
             return None
-        kw = dict(sparsity=self.target, distribution=self.distribution, include=self.include, seed=seed,
+        include = self.include if self.include is not None else default_include
+        kw = dict(sparsity=self.target, distribution=self.distribution, include=include, seed=seed,
                   n_m=parse_n_m(self.n_m), schedule=self.schedule(total_steps), dense_from=self.dense_from(total_steps),
                   **self.options)
         if self.exclude is not None:

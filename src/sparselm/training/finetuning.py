@@ -86,7 +86,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = 
     if mode == "sparse":
         if masks is None:
             raise ValueError(f"{from_run} has no masks.safetensors: sparse fine-tuning needs a sparse pre-trained run")
-        sparsifier = Static(0.0, include=list(masks)).attach(model)
+        sparsifier = Static(0.0, include=list(masks), exclude=()).attach(model)  # exactly the run's masked weights
         sparsifier.load_state_dict(masks)
     elif masks is not None:
         masked_weights = sum(m.numel() - int(m.sum()) for m in masks.values())

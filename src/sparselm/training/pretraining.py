@@ -14,7 +14,7 @@ from .. import flops
 from ..data import eval_batches, get_batch, prepare_corpus
 from ..data.paths import default_corpus
 from ..data.tokenizer import save_hf_tokenizer
-from ..models import build_model, load_model
+from ..models import block_linear_names, build_model, load_model
 from ..models.card import invocation
 from ..models.loss import chunked_cross_entropy
 from ..sparsity import global_sparsity
@@ -98,7 +98,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
                                            model_max_length=shape.block_size, eos_token=corpus.eos_token)
     prepare_model(model, cfg.run, device, dist)  # (FSDP shards it: optimizer and masks come after)
     optimizer = adamw(model, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), device.type)
-    sparsifier = cfg.sparsity.build(cfg.optim.max_steps, cfg.run.seed)
+    sparsifier = cfg.sparsity.build(cfg.optim.max_steps, cfg.run.seed, default_include=block_linear_names(model))
     if sparsifier is not None:
         sparsifier.attach(model, optimizer)
     if cfg.run.kernel == "semi-structured" and device.type == "cuda":  # (elsewhere start_run said it does not apply)
