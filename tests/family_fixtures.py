@@ -8,7 +8,7 @@ FAMILY_NAMES = sorted(FAMILIES)
 
 def family_preset(family: str):
     """The first preset registered for ``family`` (its smallest by convention)."""
-    shapes = [shape for shape in PRESETS.values() if shape.family == family]
+    shapes = [p.shape for p in PRESETS.values() if p.shape.family == family]
     assert shapes, f"family {family!r} has no preset: register one (e.g. '{family}-tiny') beside the family"
     return shapes[0]
 

@@ -7,8 +7,8 @@ from safetensors.torch import load_file, save_file
 
 from sparselm import flops
 from sparselm.models import (
-    FAMILIES, ModelFamily, ModelShape, block_linear_names, build_model, context_length, family_for_config, get_family,
-    get_preset, load_model, lora_config_kwargs, register_family, shape_of,
+    FAMILIES, PRESETS, ModelFamily, ModelShape, block_linear_names, build_model, context_length, family_for_config, get_family,
+    get_preset, load_model, lora_config_kwargs, preset_training, register_family, register_preset, shape_of,
 )
 from sparselm.sparsity import Static, select_targets
 
@@ -43,6 +43,17 @@ class NeoXFamily(ModelFamily):
         d, f = shape.n_embd, shape.n_inner
         return [("attn.qkv", "attention.query_key_value.weight", d, 3 * d), ("attn.proj", "attention.dense.weight", d, d),
                 ("mlp.fc", "mlp.dense_h_to_4h.weight", d, f), ("mlp.proj", "mlp.dense_4h_to_h.weight", f, d)]
+
+
+@pytest.fixture
+def presets():
+    """Presets registered in a test are gone afterwards."""
+    saved = dict(PRESETS)
+    try:
+        yield
+    finally:
+        PRESETS.clear()
+        PRESETS.update(saved)
 
 
 @pytest.fixture
@@ -144,6 +155,37 @@ def test_registry_refuses_duplicates(neox):
 def test_shape_override_checks(changes, message):
     with pytest.raises(ValueError, match=message):
         get_preset("llama-tiny").override(**changes)
+
+
+def test_a_preset_is_one_registration_with_its_training_defaults(presets):
+    from sparselm.training import load_pretrain_config
+
+    mine = dict(preset_training("tiny"), max_steps=77, lr=1e-4)
+    register_preset("mine-test", get_preset("tiny").override(n_layer=2), mine)
+    cfg = load_pretrain_config(flags={"model.preset": "mine-test"})
+    assert (cfg.optim.max_steps, cfg.optim.lr, cfg.shape().n_layer) == (77, 1e-4, 2)
+    with pytest.raises(ValueError, match="preset 'half-test': training defaults need exactly .*; missing grad_accum, "
+                                         "warmup_steps, eval_every, ckpt_every; unknown steps"):
+        register_preset("half-test", get_preset("tiny"), dict(max_steps=5, batch_size=2, lr=1e-3, steps=3))
+    with pytest.raises(ValueError, match="preset 'tiny' is already registered"):
+        register_preset("tiny", get_preset("small"))
+
+
+def test_a_preset_without_training_defaults_borrows_the_nearest_in_size(presets, tmp_path):
+    """Not a generic table: a model 2x tiny gets tiny's budget, a 7B Llama the largest preset's (GPT-3 XL,
+    1.2B block weights, over TinyLlama's 1.0B), llama-tiny with another vocabulary llama-tiny's, and a
+    directory to continue from those of the preset nearest its model."""
+    micro = register_preset("micro-test", get_preset("tiny").override(n_embd=192))  # 2.3x tiny, 1/6 of small
+    big = register_preset("big-test", get_preset("llama-1b").override(n_layer=32, n_embd=4096, n_head=32, d_ff=11008))
+    llama = register_preset("llama-tiny-copy-test", get_preset("llama-tiny").override(vocab_size=512))
+    assert (micro.training_from, big.training_from, llama.training_from) == ("tiny", "gpt3-xl", "llama-tiny")
+    assert micro.training == preset_training("tiny") and big.training == preset_training("gpt3-xl")
+    from sparselm.training import load_pretrain_config
+
+    assert load_pretrain_config(flags={"model.preset": "big-test"}).optim.grad_accum == 128
+    built(LLAMA_MICRO).save_pretrained(tmp_path)
+    cfg = load_pretrain_config(flags={"model.init_from": str(tmp_path)})
+    assert cfg.model.training_preset() == "llama-tiny" and cfg.optim.max_steps == preset_training("llama-tiny")["max_steps"]
 
 
 def test_shape_defaults():

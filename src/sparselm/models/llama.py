@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .family import ModelFamily, eos_id, register_family
-from .presets import ModelShape
+from .presets import SMALL_TRAINING, TINY_TRAINING, XL_TRAINING, ModelShape, register_preset
 
 
 class LlamaFamily(ModelFamily):
@@ -59,3 +59,12 @@ class LlamaFamily(ModelFamily):
 
 
 LLAMA = register_family(LlamaFamily())
+
+# counterparts of GPT-2's tiny and small: SwiGLU width ~8/3 d rounded to a multiple of 8, GQA, untied head
+register_preset("llama-tiny", ModelShape(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=4096,
+                                         family="llama", n_kv_head=2, d_ff=344, tie_embeddings=False), TINY_TRAINING)
+register_preset("llama-small", ModelShape(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192,
+                                          family="llama", n_kv_head=2, d_ff=1024, tie_embeddings=False), SMALL_TRAINING)
+# the shape of TinyLlama-1.1B (Zhang et al. 2024)
+register_preset("llama-1b", ModelShape(n_layer=22, n_head=32, n_embd=2048, block_size=2048, vocab_size=32000,
+                                       family="llama", n_kv_head=4, d_ff=5632, tie_embeddings=False), dict(XL_TRAINING, lr=4e-4))

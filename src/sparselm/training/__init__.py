@@ -1,7 +1,7 @@
 """Training: one loop (``loop.py``) driven by two phases, sparse pre-training and fine-tuning."""
 
 from .config import (
-    FINETUNE_MODES as MODES, PRESET_TRAINING, FinetuneConfig, PretrainConfig, PruneConfig,
+    FINETUNE_MODES as MODES, FinetuneConfig, PretrainConfig, PruneConfig,
     load_finetune_config, load_pretrain_config,
 )
 from .finetuning import finetune
@@ -9,6 +9,6 @@ from .loop import RunExistsError, TrainingInterrupted
 from .pretraining import pretrain
 
 __all__ = [
-    "MODES", "PRESET_TRAINING", "FinetuneConfig", "PretrainConfig", "PruneConfig", "RunExistsError",
+    "MODES", "FinetuneConfig", "PretrainConfig", "PruneConfig", "RunExistsError",
     "TrainingInterrupted", "finetune", "load_finetune_config", "load_pretrain_config", "pretrain",
 ]

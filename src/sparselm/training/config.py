@@ -15,25 +15,9 @@ from pathlib import Path
 from .. import config
 from ..config import ConfigError, option
 from ..files import write_json
-from ..models.presets import PRESETS, ModelShape, get_preset
+from ..models.presets import PRESETS, ModelShape, get_preset, nearest_preset
 from ..sparsity import METHODS, Schedule, Sparsifier, get_method, parse_n_m
 from ..sparsity.distributions import DISTRIBUTIONS
-
-# Training defaults that depend on model size. Tokens per step = batch_size * grad_accum * block_size.
-_TINY = dict(max_steps=500, batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=50, eval_every=100, ckpt_every=100)
-_SMALL = dict(max_steps=3000, batch_size=32, grad_accum=1, lr=1e-3, warmup_steps=200, eval_every=250, ckpt_every=500)
-_XL = dict(max_steps=60000, batch_size=4, grad_accum=128, lr=2e-4, warmup_steps=1000, eval_every=1000, ckpt_every=1000)
-PRESET_TRAINING: dict[str, dict] = {
-    "tiny": _TINY,
-    "llama-tiny": _TINY,
-    "small": _SMALL,
-    "llama-small": _SMALL,
-    "gpt2-small": dict(max_steps=20000, batch_size=16, grad_accum=32, lr=6e-4, warmup_steps=700, eval_every=500, ckpt_every=1000),
-    "gpt2-medium": dict(max_steps=40000, batch_size=8, grad_accum=64, lr=3e-4, warmup_steps=1000, eval_every=1000, ckpt_every=1000),
-    "gpt3-xl": _XL,
-    "llama-1b": dict(_XL, lr=4e-4),
-}
-DEFAULT_TRAINING = _SMALL  # presets registered later without their own entry
 
 # Keys that may change between a run and its resume without changing the trajectory (or, for the
 # step budget, changing it on purpose: the LR schedule follows the new value).
@@ -70,15 +54,12 @@ class ModelConfig:
             raise ConfigError(f"model.init_from={self.init_from} fixes the shape; unset model.{', model.'.join(overrides)}")
         return _shape_of_dir(self.init_from)
 
-    def training_preset(self) -> str | None:
+    def training_preset(self) -> str:
         """The preset whose training defaults apply: the named one, or for ``init_from`` the preset
-        of the same family, depth and width (None: no such preset, generic defaults)."""
+        nearest the directory's model in size (the same family first on a tie)."""
         if self.init_from is None:
             return self.preset
-        shape = self.shape()
-        same = [name for name, p in PRESETS.items()
-                if (p.family, p.n_layer, p.n_embd) == (shape.family, shape.n_layer, shape.n_embd)]
-        return same[0] if same else None
+        return nearest_preset(self.shape()).name
 
 
 @functools.lru_cache(maxsize=8)
@@ -244,7 +225,7 @@ class PretrainConfig:
                                   f"{self.data.tokenizer} would feed the model other token ids: leave data.tokenizer unset")
             if self.sparsity.iso_flop != "none":
                 raise ConfigError("sparsity.iso_flop=wide builds a wider model; it cannot start from model.init_from")
-        defaults = PRESET_TRAINING.get(self.model.training_preset(), DEFAULT_TRAINING)
+        defaults = PRESETS[self.model.training_preset()].training
         for key, value in defaults.items():
             section = self.run if key in ("eval_every", "ckpt_every") else self.optim
             if getattr(section, key) is None:
