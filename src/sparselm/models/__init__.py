@@ -1,11 +1,12 @@
-"""Model shapes and presets, the registry of model families (GPT-2, Llama), and building/loading HF models."""
+"""Model shapes and presets, the registry of model families (one module each in ``families/``), and
+building/loading HF models."""
 
 from .family import (
     FAMILIES, BlockLinear, ModelFamily, block_linear_names, build_model, context_length, family_for_config, get_family,
     load_model, lora_config_kwargs, register_family, shape_of, shape_of_dir,
 )
 from .presets import PRESETS, ModelShape, Preset, get_preset, preset_training, register_preset
-from . import gpt2, llama  # noqa: F401  (each registers its family and presets)
+from . import families  # noqa: F401  (imports every family module: each registers its family and presets)
 
 __all__ = [
     "FAMILIES", "PRESETS", "BlockLinear", "ModelFamily", "ModelShape", "Preset", "block_linear_names", "build_model",

@@ -3,7 +3,8 @@
 A family builds a model from a ``ModelShape``, reads a shape back from a config, and lists the block
 linears: the one declaration of the weights that get masked by default, that FLOP accounting counts
 and that LoRA adapts, so no other module hard-codes parameter names. Adding an architecture is one
-module with a ``ModelFamily`` subclass and one ``register_family(...)`` call.
+module in ``families/`` (imported without being listed anywhere) with a ``ModelFamily`` subclass, one
+``register_family(...)`` call and its presets (``register_preset``).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .family import ModelFamily, eos_id, register_family
-from .presets import SMALL_TRAINING, TINY_TRAINING, XL_TRAINING, ModelShape, register_preset
+from ..family import ModelFamily, eos_id, register_family
+from ..presets import SMALL_TRAINING, TINY_TRAINING, XL_TRAINING, ModelShape, register_preset
 
 
 # GPT-2's tanh-approximated GELU as one fused kernel (F.gelu(approximate="tanh")). GPT2Config's default,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .family import ModelFamily, eos_id, register_family
-from .presets import SMALL_TRAINING, TINY_TRAINING, XL_TRAINING, ModelShape, register_preset
+from ..family import ModelFamily, eos_id, register_family
+from ..presets import SMALL_TRAINING, TINY_TRAINING, XL_TRAINING, ModelShape, register_preset
 
 
 class LlamaFamily(ModelFamily):
