@@ -9,14 +9,17 @@ from ..presets import SMALL_TRAINING, TINY_TRAINING, XL_TRAINING, ModelShape, re
 
 
 class LlamaFamily(ModelFamily):
+    """Also the base of the Llama-style families (Mistral, Qwen): the same block linears and shape
+    fields; a subclass builds its own config class from ``config_fields`` and checks its own fields."""
+
     name = "llama"
     model_type = "llama"
     model_class = LlamaForCausalLM
     layer_prefix = "model.layers.{i}."
 
-    def hf_config(self, shape: ModelShape, eos_token_id: int | None = None) -> LlamaConfig:
-        eos = eos_id(shape, eos_token_id)
-        return LlamaConfig(
+    def config_fields(self, shape: ModelShape, eos: int) -> dict:
+        """The config fields every Llama-style family sets from a shape."""
+        return dict(
             vocab_size=shape.vocab_size,
             hidden_size=shape.n_embd,
             intermediate_size=shape.n_inner,
@@ -24,20 +27,22 @@ class LlamaFamily(ModelFamily):
             num_attention_heads=shape.n_head,
             num_key_value_heads=shape.kv_heads,
             max_position_embeddings=shape.block_size,
-            rms_norm_eps=1e-5,  # Llama 2 / TinyLlama
             attention_dropout=shape.dropout,
-            attention_bias=False,
-            mlp_bias=False,
             bos_token_id=eos,
             eos_token_id=eos,
             pad_token_id=eos,
             tie_word_embeddings=shape.tie_embeddings,
         )
 
-    def shape_of(self, config: LlamaConfig) -> ModelShape:
+    def hf_config(self, shape: ModelShape, eos_token_id: int | None = None) -> LlamaConfig:
+        fields = self.config_fields(shape, eos_id(shape, eos_token_id))
+        return LlamaConfig(**fields, rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False)  # Llama 2 / TinyLlama
+
+    def shape_of(self, config) -> ModelShape:
         d, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-        if config.head_dim * heads != d:
-            raise ValueError(f"a Llama config with head_dim={config.head_dim} x {heads} heads != hidden_size={d} has no ModelShape")
+        head_dim = getattr(config, "head_dim", None) or d // heads  # (configs without the field: d / heads)
+        if head_dim * heads != d:
+            raise ValueError(f"a {self.name} config with head_dim={head_dim} x {heads} heads != hidden_size={d} has no ModelShape")
         return ModelShape(
             n_layer=config.num_hidden_layers, n_head=heads, n_embd=d, block_size=config.max_position_embeddings,
             vocab_size=config.vocab_size, dropout=config.attention_dropout, family=self.name,
