@@ -157,10 +157,9 @@ def test_prune_export_and_finetune_use_the_loaded_model(hf_dir, tmp_path):
         torch.testing.assert_close(merged[k], v, rtol=0, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_evaluate_reads_a_directory_and_writes_only_where_told(hf_dir, tmp_path, e2e_bleu):
     """An HF directory from elsewhere is never written to (evaluate needs --out for it); a sparselm run
-    gets eval/ inside it and its model card shows the metrics. Slow: a validation perplexity per call."""
+    gets eval/ inside it and its model card shows the metrics."""
     assert finetune_one_step(hf_dir, tmp_path / "ft") == 0
     before = sorted(p.name for p in hf_dir.iterdir())
     evaluate = ["evaluate", "--task", "e2e-bleu-test", "--limit", "2", "--beams", "1", "--max-new-tokens", "8", "--no-progress"]

@@ -256,6 +256,23 @@ def test_llama_saves_and_reloads_with_gqa(tmp_path):
     assert torch.equal(model.eval()(ids).logits, ours.eval()(ids).logits)
 
 
+@pytest.mark.parametrize("config, message", [
+    (transformers.MistralConfig(num_attention_heads=4, hidden_size=64, sliding_window=64, max_position_embeddings=128),
+     "a mistral config with sliding_window=64 < max_position_embeddings=128 has no ModelShape"),
+    (transformers.Qwen2Config(num_hidden_layers=4, use_sliding_window=True, max_window_layers=2, sliding_window=8),
+     r"a qwen2 config with sliding_window=8 in layers \[2, 3\] has no ModelShape"),
+    (transformers.Qwen3Config(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8),  # Qwen3-0.6B's heads
+     "a qwen3 config with head_dim=128 x 16 heads != hidden_size=1024 has no ModelShape"),
+    (transformers.Qwen3Config(hidden_size=64, num_attention_heads=4, head_dim=16, attention_bias=True),
+     "a qwen3 config with attention_bias=true has no ModelShape"),
+], ids=["mistral-window", "qwen2-window", "qwen3-head-dim", "qwen3-bias"])
+def test_configs_a_shape_cannot_rebuild_are_refused(config, message):
+    """What a ModelShape cannot express (a window, a head width apart from d / heads, extra biases) is
+    refused by name rather than read as another model."""
+    with pytest.raises(ValueError, match=message):
+        shape_of(config)
+
+
 def test_load_model_refuses_unsupported_architectures(tmp_path):
     opt = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
                                  max_position_embeddings=16, word_embed_proj_dim=16)
