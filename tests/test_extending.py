@@ -13,9 +13,8 @@ from sparselm.cli.main import main
 from sparselm.config import option
 from sparselm.data import tasks
 from sparselm.data.tasks import Example, Task, TaskData, register_task
-from sparselm.models import FAMILIES, PRESETS, ModelShape, register_family
+from sparselm.models import FAMILIES, PRESETS, ModelShape, register_family, register_preset
 from sparselm.sparsity import METHODS, Sparsifier, register_method
-from sparselm.training import PRESET_TRAINING
 
 from test_models import NeoXFamily
 
@@ -44,11 +43,11 @@ def load_reverse(folder, skip_bad_rows):
 
 @pytest.fixture
 def extended():
-    saved = [(reg, dict(reg)) for reg in (METHODS, FAMILIES, PRESETS, PRESET_TRAINING, tasks.TASKS)]
+    saved = [(reg, dict(reg)) for reg in (METHODS, FAMILIES, PRESETS, tasks.TASKS)]
     register_method(KeepSmallest)
     register_family(NeoXFamily())
-    PRESETS["neox-micro-test"] = ModelShape(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=512,
-                                            family="neox-test", tie_embeddings=False)
+    register_preset("neox-micro-test", ModelShape(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=512,
+                                                  family="neox-test", tie_embeddings=False))
     register_task(Task("reverse-test", load_reverse, None, ("bleu",)))
     try:
         yield

@@ -1,5 +1,7 @@
 """Model families: building, loading, and the block linears that FLOP accounting and masking share."""
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -7,10 +9,12 @@ from safetensors.torch import load_file, save_file
 
 from sparselm import flops
 from sparselm.models import (
-    FAMILIES, ModelFamily, ModelShape, build_model, context_length, family_for_config, get_family, get_preset,
-    load_model, lora_config_kwargs, register_family, shape_of,
+    FAMILIES, PRESETS, ModelFamily, ModelShape, block_linear_names, build_model, context_length, family_for_config, get_family,
+    get_preset, load_model, lora_config_kwargs, preset_training, register_family, register_preset, shape_of,
 )
-from sparselm.sparsity import select_targets
+from sparselm.sparsity import Static, select_targets
+
+from family_fixtures import FAMILY_NAMES, micro_shape
 
 GPT2_MICRO = ModelShape(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100)
 LLAMA_MICRO = ModelShape(n_layer=2, n_head=4, n_embd=64, block_size=16, vocab_size=100,
@@ -24,7 +28,6 @@ class NeoXFamily(ModelFamily):
     model_type = "gpt_neox"
     model_class = transformers.GPTNeoXForCausalLM
     layer_prefix = "gpt_neox.layers.{i}."
-    lora_targets = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
     def hf_config(self, shape, eos_token_id=None):
         return transformers.GPTNeoXConfig(
@@ -42,6 +45,17 @@ class NeoXFamily(ModelFamily):
         d, f = shape.n_embd, shape.n_inner
         return [("attn.qkv", "attention.query_key_value.weight", d, 3 * d), ("attn.proj", "attention.dense.weight", d, d),
                 ("mlp.fc", "mlp.dense_h_to_4h.weight", d, f), ("mlp.proj", "mlp.dense_4h_to_h.weight", f, d)]
+
+
+@pytest.fixture
+def presets():
+    """Presets registered in a test are gone afterwards."""
+    saved = dict(PRESETS)
+    try:
+        yield
+    finally:
+        PRESETS.clear()
+        PRESETS.update(saved)
 
 
 @pytest.fixture
@@ -63,19 +77,43 @@ def built(shape):
     return build_model(shape)
 
 
+def sizes(targets):
+    return {t.name: (t.param.shape[t.in_axis], t.param.numel() // t.param.shape[t.in_axis]) for t in targets}
+
+
 def assert_block_linears_are_the_masked_weights(shape):
-    """Every weight select_targets masks is a block linear of the family with the same (n_in, n_out), and back."""
-    selected = {}
-    for t in select_targets(built(shape)):
-        n_in = t.param.shape[t.in_axis]
-        selected[t.name] = (n_in, t.param.numel() // n_in)
-    listed = {b.param_name: (b.n_in, b.n_out) for b in get_family(shape.family).block_linears(shape)}
-    assert listed == selected
+    """The family's block linears are, with their (n_in, n_out), exactly the weights a sparse run masks
+    by default, and every linear weight inside a block is one of them (none is forgotten)."""
+    model = built(shape)
+    family = get_family(shape.family)
+    listed = {b.param_name: (b.n_in, b.n_out) for b in family.block_linears(shape)}
+    assert sizes(select_targets(model, include=block_linear_names(model))) == listed
+    in_blocks = [family.layer_prefix.format(i=i) + "*" for i in range(shape.n_layer)]
+    assert sizes(select_targets(model, include=in_blocks, exclude=())) == listed
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_block_linears_are_exactly_the_masked_weights(family):
+    assert_block_linears_are_the_masked_weights(micro_shape(family))
 
 
 @pytest.mark.parametrize("shape", [GPT2_MICRO, LLAMA_MICRO], ids=["gpt2", "llama"])
-def test_block_linears_are_exactly_the_masked_weights(shape):
-    assert_block_linears_are_the_masked_weights(shape)
+def test_family_selection_keeps_the_masks_of_the_name_globs(shape):
+    """Runs from before the family declared the masked weights: same targets, same order, same masks."""
+    by_globs, by_family = built(shape), built(shape)
+    old = Static(0.75, seed=3).attach(by_globs)
+    new = Static(0.75, seed=3, include=block_linear_names(by_family)).attach(by_family)
+    assert [t.name for t in new.targets] == [t.name for t in old.targets]
+    assert all(torch.equal(new.masks[k], old.masks[k]) for k in old.masks)
+
+
+def test_a_head_under_another_name_stays_dense():
+    """A Llama-style LM head called ``output`` slips past the engine's name globs, not past the family."""
+    model = built(LLAMA_MICRO)
+    model.output = torch.nn.Linear(64, 100, bias=False)
+    assert "output.weight" in {t.name for t in select_targets(model)}
+    assert "output.weight" not in block_linear_names(model)
+    assert "output.weight" not in Static(0.5, include=block_linear_names(model)).attach(model).masks
 
 
 def test_a_family_registered_elsewhere_builds_counts_flops_and_loads(neox, tmp_path):
@@ -91,7 +129,7 @@ def test_a_family_registered_elsewhere_builds_counts_flops_and_loads(neox, tmp_p
 
 
 def test_unknown_family_is_refused():
-    with pytest.raises(ValueError, match=r"unknown model family 'nope'; registered families: \['gpt2', 'llama'\]"):
+    with pytest.raises(ValueError, match=rf"unknown model family 'nope'; registered families: {re.escape(str(FAMILY_NAMES))}"):
         get_preset("tiny").override(family="nope")
     with pytest.raises(ValueError, match="unknown model family 'nope'"):
         build_model(ModelShape(n_layer=1, n_head=1, n_embd=8, block_size=4, vocab_size=10, family="nope"))
@@ -121,6 +159,37 @@ def test_shape_override_checks(changes, message):
         get_preset("llama-tiny").override(**changes)
 
 
+def test_a_preset_is_one_registration_with_its_training_defaults(presets):
+    from sparselm.training import load_pretrain_config
+
+    mine = dict(preset_training("tiny"), max_steps=77, lr=1e-4)
+    register_preset("mine-test", get_preset("tiny").override(n_layer=2), mine)
+    cfg = load_pretrain_config(flags={"model.preset": "mine-test"})
+    assert (cfg.optim.max_steps, cfg.optim.lr, cfg.shape().n_layer) == (77, 1e-4, 2)
+    with pytest.raises(ValueError, match="preset 'half-test': training defaults need exactly .*; missing grad_accum, "
+                                         "warmup_steps, eval_every, ckpt_every; unknown steps"):
+        register_preset("half-test", get_preset("tiny"), dict(max_steps=5, batch_size=2, lr=1e-3, steps=3))
+    with pytest.raises(ValueError, match="preset 'tiny' is already registered"):
+        register_preset("tiny", get_preset("small"))
+
+
+def test_a_preset_without_training_defaults_borrows_the_nearest_in_size(presets, tmp_path):
+    """Not a generic table: a model 2x tiny gets tiny's budget, a 7B Llama the largest preset's (GPT-3 XL,
+    1.2B block weights, over TinyLlama's 1.0B), llama-tiny with another vocabulary llama-tiny's, and a
+    directory to continue from those of the preset nearest its model."""
+    micro = register_preset("micro-test", get_preset("tiny").override(n_embd=192))  # 2.3x tiny, 1/6 of small
+    big = register_preset("big-test", get_preset("llama-1b").override(n_layer=32, n_embd=4096, n_head=32, d_ff=11008))
+    llama = register_preset("llama-tiny-copy-test", get_preset("llama-tiny").override(vocab_size=512))
+    assert (micro.training_from, big.training_from, llama.training_from) == ("tiny", "gpt3-xl", "llama-tiny")
+    assert micro.training == preset_training("tiny") and big.training == preset_training("gpt3-xl")
+    from sparselm.training import load_pretrain_config
+
+    assert load_pretrain_config(flags={"model.preset": "big-test"}).optim.grad_accum == 128
+    built(LLAMA_MICRO).save_pretrained(tmp_path)
+    cfg = load_pretrain_config(flags={"model.init_from": str(tmp_path)})
+    assert cfg.model.training_preset() == "llama-tiny" and cfg.optim.max_steps == preset_training("llama-tiny")["max_steps"]
+
+
 def test_shape_defaults():
     tiny = get_preset("tiny")
     assert (tiny.family, tiny.n_inner, tiny.head_dim, tiny.kv_heads, tiny.tie_embeddings) == ("gpt2", 512, 32, 4, True)
@@ -146,11 +215,27 @@ def test_tiny_gpt2_weights_are_bit_identical_to_the_gpt2_only_builder():
     assert all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_shape_round_trips_through_the_hf_config(preset):
     shape = get_preset(preset)
     config = get_family(shape.family).hf_config(shape)
     assert shape_of(config) == shape and context_length(config) == shape.block_size
+
+
+CONFIG_BOOKKEEPING = {"architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_saved_config_rebuilds_the_same_model(family, tmp_path):
+    """hf_config(shape_of(config)) of a saved directory's config is that config: the shape loses nothing
+    that changes the model, so a run's recorded shape builds its model again."""
+    shape = micro_shape(family)
+    built(shape).save_pretrained(tmp_path)
+    saved = transformers.AutoConfig.from_pretrained(tmp_path)
+    again = get_family(family).hf_config(shape_of(saved), eos_token_id=saved.eos_token_id)
+    drop = lambda c: {k: v for k, v in c.to_dict().items() if k not in CONFIG_BOOKKEEPING}  # noqa: E731
+    assert shape_of(saved) == shape and drop(again) == drop(saved)
+    assert shape_of(load_model(tmp_path).config) == shape  # every weight loaded, none missing or unexpected
 
 
 def test_llama_saves_and_reloads_with_gqa(tmp_path):
@@ -171,6 +256,23 @@ def test_llama_saves_and_reloads_with_gqa(tmp_path):
     assert torch.equal(model.eval()(ids).logits, ours.eval()(ids).logits)
 
 
+@pytest.mark.parametrize("config, message", [
+    (transformers.MistralConfig(num_attention_heads=4, hidden_size=64, sliding_window=64, max_position_embeddings=128),
+     "a mistral config with sliding_window=64 < max_position_embeddings=128 has no ModelShape"),
+    (transformers.Qwen2Config(num_hidden_layers=4, use_sliding_window=True, max_window_layers=2, sliding_window=8),
+     r"a qwen2 config with sliding_window=8 in layers \[2, 3\] has no ModelShape"),
+    (transformers.Qwen3Config(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8),  # Qwen3-0.6B's heads
+     "a qwen3 config with head_dim=128 x 16 heads != hidden_size=1024 has no ModelShape"),
+    (transformers.Qwen3Config(hidden_size=64, num_attention_heads=4, head_dim=16, attention_bias=True),
+     "a qwen3 config with attention_bias=true has no ModelShape"),
+], ids=["mistral-window", "qwen2-window", "qwen3-head-dim", "qwen3-bias"])
+def test_configs_a_shape_cannot_rebuild_are_refused(config, message):
+    """What a ModelShape cannot express (a window, a head width apart from d / heads, extra biases) is
+    refused by name rather than read as another model."""
+    with pytest.raises(ValueError, match=message):
+        shape_of(config)
+
+
 def test_load_model_refuses_unsupported_architectures(tmp_path):
     opt = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
                                  max_position_embeddings=16, word_embed_proj_dim=16)
@@ -179,7 +281,7 @@ def test_load_model_refuses_unsupported_architectures(tmp_path):
         load_model(tmp_path)
     msg = str(err.value)
     assert str(tmp_path) in msg and "OPTForCausalLM" in msg and "'opt'" in msg
-    assert "gpt2" in msg and "llama" in msg
+    assert all(f"{name} (model_type '{FAMILIES[name].model_type}')" in msg for name in FAMILY_NAMES)
     with pytest.raises(ValueError, match="not supported"):
         family_for_config(opt)
 
@@ -224,10 +326,11 @@ def test_load_model_needs_a_config(tmp_path):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("shape", [GPT2_MICRO, LLAMA_MICRO], ids=["gpt2", "llama"])
-def test_lora_targets_are_the_block_linears(shape):
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_lora_targets_are_the_block_linears(family):
     from peft import LoraConfig, get_peft_model
 
+    shape = micro_shape(family)
     model = built(shape)
     kwargs = lora_config_kwargs(model)
     assert kwargs["fan_in_fan_out"] == (shape.family == "gpt2")

@@ -1,14 +1,15 @@
-"""Model shapes, the registry of model families (GPT-2, Llama), and building/loading HF models."""
+"""Model shapes and presets, the registry of model families (one module each in ``families/``), and
+building/loading HF models."""
 
 from .family import (
-    FAMILIES, BlockLinear, ModelFamily, build_model, context_length, family_for_config, get_family,
+    FAMILIES, BlockLinear, ModelFamily, block_linear_names, build_model, context_length, family_for_config, get_family,
     load_model, lora_config_kwargs, register_family, shape_of, shape_of_dir,
 )
-from .presets import PRESETS, ModelShape, get_preset
-from . import gpt2, llama  # noqa: F401  (each registers its family)
+from .presets import PRESETS, ModelShape, Preset, get_preset, preset_training, register_preset
+from . import families  # noqa: F401  (imports every family module: each registers its family and presets)
 
 __all__ = [
-    "FAMILIES", "PRESETS", "BlockLinear", "ModelFamily", "ModelShape", "build_model", "context_length",
-    "family_for_config", "get_family", "get_preset", "load_model", "lora_config_kwargs", "register_family",
-    "shape_of", "shape_of_dir",
+    "FAMILIES", "PRESETS", "BlockLinear", "ModelFamily", "ModelShape", "Preset", "block_linear_names", "build_model",
+    "context_length", "family_for_config", "get_family", "get_preset", "load_model", "lora_config_kwargs",
+    "preset_training", "register_family", "register_preset", "shape_of", "shape_of_dir",
 ]

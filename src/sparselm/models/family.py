@@ -1,8 +1,10 @@
 """Model families: what sparselm needs to know about one Hugging Face causal-LM architecture.
 
 A family builds a model from a ``ModelShape``, reads a shape back from a config, and lists the block
-linears (the weights that get masked) so FLOP accounting never hard-codes parameter names. Adding an
-architecture is one module with a ``ModelFamily`` subclass and one ``register_family(...)`` call.
+linears: the one declaration of the weights that get masked by default, that FLOP accounting counts
+and that LoRA adapts, so no other module hard-codes parameter names. Adding an architecture is one
+module in ``families/`` (imported without being listed anywhere) with a ``ModelFamily`` subclass, one
+``register_family(...)`` call and its presets (``register_preset``).
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ class BlockLinear:
 
 
 class ModelFamily(ABC):
-    """One architecture. Subclasses set the class attributes and the three abstract methods."""
+    """One architecture. Subclasses set the class attributes and the three abstract methods;
+    ``layer_linears`` is the single list of the maskable weights (masks, FLOPs and LoRA read it)."""
 
     name: ClassVar[str]  # the ModelShape.family value
     model_type: ClassVar[str]  # the HF config.model_type it loads
     model_class: ClassVar[type[PreTrainedModel]]
     layer_prefix: ClassVar[str]  # parameter-name prefix of block i, with an {i} field
-    lora_targets: ClassVar[tuple[str, ...]]  # module-name suffixes for peft's target_modules
     lora_fan_in_fan_out: ClassVar[bool] = False  # True where weights are stored (in, out), as GPT-2's Conv1D
     harmless_keys: ClassVar[tuple[str, ...]] = ()  # globs of checkpoint keys (old buffers) safe to miss or ignore
 
@@ -65,6 +67,10 @@ class ModelFamily(ABC):
             for i in range(shape.n_layer)
             for component, suffix, n_in, n_out in self.layer_linears(shape)
         ]
+
+    def lora_targets(self, shape: ModelShape) -> list[str]:
+        """peft ``target_modules``: the block linears' module names within a block (peft matches suffixes)."""
+        return list(dict.fromkeys(suffix.removesuffix(".weight") for _, suffix, _, _ in self.layer_linears(shape)))
 
     def context_length(self, config: PretrainedConfig) -> int:
         return config.max_position_embeddings
@@ -119,10 +125,19 @@ def context_length(model_or_config) -> int:
     return family_for_config(config).context_length(config)
 
 
+def block_linear_names(model) -> list[str]:
+    """The parameter names of ``model``'s block linears: what a sparse run masks unless told otherwise
+    (``include=`` for ``sparselm.sparsity``, which knows no model). Whatever else is linear (an LM head
+    under any name, a classifier) stays dense."""
+    family = family_for_config(model.config)
+    return [b.param_name for b in family.block_linears(family.shape_of(model.config))]
+
+
 def lora_config_kwargs(model) -> dict:
     """``target_modules`` and ``fan_in_fan_out`` for ``peft.LoraConfig`` on this model's family."""
     family = family_for_config(model.config)
-    return {"target_modules": list(family.lora_targets), "fan_in_fan_out": family.lora_fan_in_fan_out}
+    return {"target_modules": family.lora_targets(family.shape_of(model.config)),
+            "fan_in_fan_out": family.lora_fan_in_fan_out}
 
 
 def _read_config(path: Path) -> tuple[dict, ModelFamily]:

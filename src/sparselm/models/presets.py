@@ -1,10 +1,15 @@
-"""Named model shapes, from a CPU demo up to the SPDF paper's GPT-3 XL and a TinyLlama-sized Llama."""
+"""Named model shapes with the training defaults that suit their size: one registry, so a preset is
+one ``register_preset(name, shape, training=...)`` call (from CPU demos up to the SPDF paper's GPT-3 XL)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
+from types import MappingProxyType
+from typing import Mapping
 
-from .family import FAMILIES
+from ..registry import Registry
+from .family import FAMILIES, get_family
 
 _POSITIVE_INTS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_kv_head", "d_ff")
 
@@ -63,28 +68,67 @@ class ModelShape:
         return shape
 
 
-PRESETS: dict[str, ModelShape] = {
-    # ~1.3M parameters: trains on a 2-core CPU in minutes
-    "tiny": ModelShape(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=4096),
-    # ~14M parameters: a real-but-small CPU/GPU model
-    "small": ModelShape(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192),
-    # the shapes of Radford et al. 2019 / Brown et al. 2020 (SPDF paper: GPT-2 Small, GPT-3 XL)
-    "gpt2-small": ModelShape(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
-    "gpt2-medium": ModelShape(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
-    "gpt3-xl": ModelShape(n_layer=24, n_head=16, n_embd=2048, block_size=2048, vocab_size=50257),
-    # Llama counterparts of tiny and small: SwiGLU width ~8/3 d rounded to a multiple of 8, GQA, untied head
-    "llama-tiny": ModelShape(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=4096,
-                             family="llama", n_kv_head=2, d_ff=344, tie_embeddings=False),
-    "llama-small": ModelShape(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192,
-                              family="llama", n_kv_head=2, d_ff=1024, tie_embeddings=False),
-    # the shape of TinyLlama-1.1B (Zhang et al. 2024)
-    "llama-1b": ModelShape(n_layer=22, n_head=32, n_embd=2048, block_size=2048, vocab_size=32000,
-                           family="llama", n_kv_head=4, d_ff=5632, tie_embeddings=False),
-}
+# Training defaults that depend on model size. Tokens per step = batch_size * grad_accum * block_size.
+TRAINING_KEYS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "eval_every", "ckpt_every")
+TINY_TRAINING = dict(max_steps=500, batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=50, eval_every=100, ckpt_every=100)
+SMALL_TRAINING = dict(max_steps=3000, batch_size=32, grad_accum=1, lr=1e-3, warmup_steps=200, eval_every=250, ckpt_every=500)
+XL_TRAINING = dict(max_steps=60000, batch_size=4, grad_accum=128, lr=2e-4, warmup_steps=1000, eval_every=1000, ckpt_every=1000)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named shape and its training defaults (``training_from``: the preset they were borrowed from,
+    when it was registered without its own)."""
+
+    name: str
+    shape: ModelShape
+    training: Mapping[str, int | float]
+    training_from: str | None = None
+
+
+PRESETS: Registry[Preset] = Registry("preset")
+
+
+def register_preset(name: str, shape: ModelShape, training: Mapping[str, int | float] | None = None,
+                    replace: bool = False) -> Preset:
+    """Make ``shape`` available as ``--preset name`` with its training defaults (all of ``TRAINING_KEYS``).
+    Without ``training`` it takes those of the registered preset nearest in size (not a generic table):
+    a 30M-parameter preset gets a small model's batch and LR, a 7B one a large model's."""
+    shape.override()  # the shape's own checks (family registered, heads divide the width)
+    if training is None:
+        source = nearest_preset(shape)
+        preset = Preset(name, shape, source.training, source.name)
+    else:
+        missing = [k for k in TRAINING_KEYS if k not in training]
+        unknown = sorted(set(training) - set(TRAINING_KEYS))
+        if missing or unknown:
+            raise ValueError(f"preset {name!r}: training defaults need exactly {', '.join(TRAINING_KEYS)}"
+                             + (f"; missing {', '.join(missing)}" if missing else "")
+                             + (f"; unknown {', '.join(unknown)}" if unknown else ""))
+        preset = Preset(name, shape, MappingProxyType(dict(training)))
+    return PRESETS.register(name, preset, replace)
+
+
+def block_params(shape: ModelShape) -> int:
+    """Weights in the block linears: the size that sets batch, LR and budget."""
+    return sum(b.n_in * b.n_out for b in get_family(shape.family).block_linears(shape))
+
+
+def nearest_preset(shape: ModelShape) -> Preset:
+    """The preset with its own training defaults closest to ``shape`` in block parameters (by ratio),
+    the same family first on a tie, the earliest registered next."""
+    size = block_params(shape)
+    own = [p for p in PRESETS.values() if p.training_from is None]
+    if not own:
+        raise ValueError("no preset with training defaults is registered to borrow them from; pass training=...")
+    return min(own, key=lambda p: (abs(math.log(block_params(p.shape) / size)), p.shape.family != shape.family))
 
 
 def get_preset(name: str) -> ModelShape:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+    """The shape of preset ``name``."""
+    return PRESETS.lookup(name).shape
+
+
+def preset_training(name: str) -> Mapping[str, int | float]:
+    """The training defaults of preset ``name``."""
+    return PRESETS.lookup(name).training

@@ -2,7 +2,9 @@
 
 Default, as in the SPDF paper and the Cerebras configs: every weight of a linear layer inside the
 model (attention qkv/out, MLP in/out); embeddings, the LM head, norms and biases stay dense.
-Works for any ``nn.Module``: ``nn.Linear`` and Hugging Face's GPT-2 ``Conv1D`` alike.
+Works for any ``nn.Module``: ``nn.Linear`` and Hugging Face's GPT-2 ``Conv1D`` alike. These name globs
+are the fallback for modules nobody described: sparselm's commands pass the model family's block
+linears as ``include`` (an LM head named ``output`` stays dense there without a glob for it).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 sparse pre-training and fine-tuning; run-directory and resume policy in ``rundir.py``."""
 
 from .config import (
-    FINETUNE_MODES as MODES, PRESET_TRAINING, FinetuneConfig, PretrainConfig, PruneConfig,
+    FINETUNE_MODES as MODES, FinetuneConfig, PretrainConfig, PruneConfig,
     load_finetune_config, load_pretrain_config,
 )
 from .finetuning import finetune
@@ -11,6 +11,6 @@ from .rundir import RunExistsError
 from .pretraining import pretrain
 
 __all__ = [
-    "MODES", "PRESET_TRAINING", "FinetuneConfig", "PretrainConfig", "PruneConfig", "RunExistsError",
+    "MODES", "FinetuneConfig", "PretrainConfig", "PruneConfig", "RunExistsError",
     "TrainingInterrupted", "finetune", "load_finetune_config", "load_pretrain_config", "pretrain",
 ]

@@ -15,25 +15,9 @@ from pathlib import Path
 from .. import config
 from ..config import ConfigError, option
 from ..files import write_json
-from ..models.presets import PRESETS, ModelShape, get_preset
+from ..models.presets import PRESETS, ModelShape, get_preset, nearest_preset
 from ..sparsity import METHODS, Schedule, Sparsifier, get_method, parse_n_m
 from ..sparsity.distributions import DISTRIBUTIONS
-
-# Training defaults that depend on model size. Tokens per step = batch_size * grad_accum * block_size.
-_TINY = dict(max_steps=500, batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=50, eval_every=100, ckpt_every=100)
-_SMALL = dict(max_steps=3000, batch_size=32, grad_accum=1, lr=1e-3, warmup_steps=200, eval_every=250, ckpt_every=500)
-_XL = dict(max_steps=60000, batch_size=4, grad_accum=128, lr=2e-4, warmup_steps=1000, eval_every=1000, ckpt_every=1000)
-PRESET_TRAINING: dict[str, dict] = {
-    "tiny": _TINY,
-    "llama-tiny": _TINY,
-    "small": _SMALL,
-    "llama-small": _SMALL,
-    "gpt2-small": dict(max_steps=20000, batch_size=16, grad_accum=32, lr=6e-4, warmup_steps=700, eval_every=500, ckpt_every=1000),
-    "gpt2-medium": dict(max_steps=40000, batch_size=8, grad_accum=64, lr=3e-4, warmup_steps=1000, eval_every=1000, ckpt_every=1000),
-    "gpt3-xl": _XL,
-    "llama-1b": dict(_XL, lr=4e-4),
-}
-DEFAULT_TRAINING = _SMALL  # presets registered later without their own entry
 
 # Keys that may change between a run and its resume without changing the trajectory (or, for the
 # step budget, changing it on purpose: the LR schedule follows the new value).
@@ -86,15 +70,12 @@ class ModelConfig:
             raise ConfigError(f"model.init_from={self.init_from} fixes the shape; unset model.{', model.'.join(overrides)}")
         return _shape_of_dir(self.init_from)
 
-    def training_preset(self) -> str | None:
+    def training_preset(self) -> str:
         """The preset whose training defaults apply: the named one, or for ``init_from`` the preset
-        of the same family, depth and width (None: no such preset, generic defaults)."""
+        nearest the directory's model in size (the same family first on a tie)."""
         if self.init_from is None:
             return self.preset
-        shape = self.shape()
-        same = [name for name, p in PRESETS.items()
-                if (p.family, p.n_layer, p.n_embd) == (shape.family, shape.n_layer, shape.n_embd)]
-        return same[0] if same else None
+        return nearest_preset(self.shape()).name
 
 
 @functools.lru_cache(maxsize=8)
@@ -179,11 +160,13 @@ class SparsityConfig:
         """The first step of the dense tail, or None without one."""
         return int(round((1.0 - self.dense_tail) * total_steps)) if self.dense_tail > 0 else None
 
-    def build(self, total_steps: int, seed: int) -> Sparsifier | None:
-        """The configured method, or None for a dense run."""
+    def build(self, total_steps: int, seed: int, default_include: list[str] | None = None) -> Sparsifier | None:
+        """The configured method, or None for a dense run. ``default_include``: the weights to mask when
+        ``include`` is unset (the model family's block linears; None: the engine's name globs)."""
         if not self.enabled:
             return None
-        kw = dict(sparsity=self.target, distribution=self.distribution, include=self.include, seed=seed,
+        include = self.include if self.include is not None else default_include
+        kw = dict(sparsity=self.target, distribution=self.distribution, include=include, seed=seed,
                   n_m=parse_n_m(self.n_m), schedule=self.schedule(total_steps), dense_from=self.dense_from(total_steps),
                   **self.options)
         if self.exclude is not None:
@@ -258,7 +241,7 @@ class PretrainConfig:
                                   f"{self.data.tokenizer} would feed the model other token ids: leave data.tokenizer unset")
             if self.sparsity.iso_flop != "none":
                 raise ConfigError("sparsity.iso_flop=wide builds a wider model; it cannot start from model.init_from")
-        defaults = PRESET_TRAINING.get(self.model.training_preset(), DEFAULT_TRAINING)
+        defaults = PRESETS[self.model.training_preset()].training
         defaulted = set()
         for key, value in defaults.items():
             section = self.run if key in ("eval_every", "ckpt_every") else self.optim

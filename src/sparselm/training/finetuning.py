@@ -89,7 +89,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool | None = 
     def keep_masks(model, optimizer):  # sparse mode: the pre-training masks, enforced as in pre-training
         if mode != "sparse":
             return None
-        sparsifier = Static(0.0, include=list(masks)).attach(model, optimizer)
+        sparsifier = Static(0.0, include=list(masks), exclude=()).attach(model, optimizer)  # exactly the run's masked weights
         sparsifier.load_state_dict(masks)
         return sparsifier
 

@@ -14,7 +14,7 @@ from .. import flops
 from ..data import eval_batches, get_batch, prepare_corpus
 from ..data.paths import default_corpus
 from ..data.tokenizer import save_hf_tokenizer
-from ..models import build_model, load_model
+from ..models import block_linear_names, build_model, load_model
 from ..models.loss import chunked_cross_entropy
 from ..sparsity import global_sparsity
 from ..sparsity.semi_structured import use_semi_structured
@@ -95,7 +95,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
                                            model_max_length=shape.block_size, eos_token=corpus.eos_token)
 
     def attach_sparsifier(model, optimizer):
-        sparsifier = cfg.sparsity.build(cfg.optim.max_steps, cfg.run.seed)
+        sparsifier = cfg.sparsity.build(cfg.optim.max_steps, cfg.run.seed, default_include=block_linear_names(model))
         if sparsifier is not None:
             sparsifier.attach(model, optimizer)
         if cfg.run.kernel == "semi-structured" and device.type == "cuda":  # (elsewhere start_run said it does not apply)

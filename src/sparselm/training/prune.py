@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..models import block_linear_names
 from ..models.card import invocation
 from ..models.runs import load_run
 from ..sparsity import Magnitude, parse_n_m
@@ -21,7 +22,8 @@ def prune_run(cfg: PruneConfig) -> dict:
     model, tok, masks, source = load_run(cfg.from_run)
     if masks is not None:
         raise ValueError(f"{cfg.from_run} is already sparse (it has masks.safetensors); prune a dense run")
-    sparsifier = Magnitude(cfg.target, distribution=cfg.distribution, n_m=parse_n_m(cfg.n_m)).attach(model)
+    sparsifier = Magnitude(cfg.target, distribution=cfg.distribution, n_m=parse_n_m(cfg.n_m),
+                           include=block_linear_names(model)).attach(model)
     out.mkdir(parents=True, exist_ok=True)
     summary = dict(source)
     summary.update(kind="pretrain", pruned_from=str(cfg.from_run), sparsity=sparsifier.report(), command=invocation())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .family import ModelFamily, eos_id, register_family
-from .presets import ModelShape
+from ..family import ModelFamily, eos_id, register_family
+from ..presets import SMALL_TRAINING, TINY_TRAINING, XL_TRAINING, ModelShape, register_preset
 
 
 # GPT-2's tanh-approximated GELU as one fused kernel (F.gelu(approximate="tanh")). GPT2Config's default,
@@ -21,7 +21,6 @@ class GPT2Family(ModelFamily):
     model_type = "gpt2"
     model_class = GPT2LMHeadModel
     layer_prefix = "transformer.h.{i}."
-    lora_targets = ("c_attn", "c_proj", "c_fc")
     lora_fan_in_fan_out = True  # Conv1D stores (in, out)
     harmless_keys = ("*.attn.masked_bias",)  # a buffer of old checkpoints that transformers does not skip itself
 
@@ -64,3 +63,14 @@ class GPT2Family(ModelFamily):
 
 
 GPT2 = register_family(GPT2Family())
+
+# ~1.3M parameters: trains on a 2-core CPU in minutes
+register_preset("tiny", ModelShape(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=4096), TINY_TRAINING)
+# ~14M parameters: a real-but-small CPU/GPU model
+register_preset("small", ModelShape(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192), SMALL_TRAINING)
+# the shapes of Radford et al. 2019 / Brown et al. 2020 (SPDF paper: GPT-2 Small, GPT-3 XL)
+register_preset("gpt2-small", ModelShape(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+                dict(max_steps=20000, batch_size=16, grad_accum=32, lr=6e-4, warmup_steps=700, eval_every=500, ckpt_every=1000))
+register_preset("gpt2-medium", ModelShape(n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
+                dict(max_steps=40000, batch_size=8, grad_accum=64, lr=3e-4, warmup_steps=1000, eval_every=1000, ckpt_every=1000))
+register_preset("gpt3-xl", ModelShape(n_layer=24, n_head=16, n_embd=2048, block_size=2048, vocab_size=50257), XL_TRAINING)
