@@ -152,7 +152,7 @@ class SparsityCallback(TrainerCallback):
         s = self.sparsifier
         if self._dense is not None:
             # What after_backward keeps for update_masks; the hooks took it weight by weight instead (_grad_hook).
-            s._dense_grads = self._full_dense_grads()
+            s.use_dense_grads(self._full_dense_grads())
             self._dense = None
         s.after_step(state.global_step)
 

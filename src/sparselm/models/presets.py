@@ -60,7 +60,8 @@ class ModelShape:
             value = getattr(shape, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        FAMILIES.lookup(shape.family)
+        if shape.family not in FAMILIES.declared:  # (a built-in family is checked without loading plugins)
+            FAMILIES.lookup(shape.family)  # a plugin's family, or an error naming the registered ones
         if shape.n_embd % shape.n_head:
             raise ValueError(f"n_embd={shape.n_embd} is not divisible by n_head={shape.n_head}")
         if shape.n_head % shape.kv_heads:

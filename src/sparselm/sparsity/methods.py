@@ -152,6 +152,11 @@ class Sparsifier:
             if t.param.grad is not None:
                 S.local(t.param.grad).mul_(S.local(self.masks[t.name]).view(torch.uint8))  # (a bool mask is cast each time)
 
+    def use_dense_grads(self, grads: Mapping[str, torch.Tensor]) -> None:
+        """The dense gradients ``update_masks`` reads on this update step, for a loop that collects them
+        itself (the Trainer callback's gradient hooks) instead of through ``after_backward``."""
+        self._dense_grads = dict(grads)
+
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Move masks if this is an update step, then zero pruned weights."""
