@@ -20,7 +20,7 @@ from sparselm.sparsity import semi_structured as S
 from sparselm.sparsity.masks import is_n_m, nm_problem
 from sparselm.training.config import RunConfig
 from sparselm.training.distributed import Dist
-from sparselm.training.loop import Phase, StepCost, Trainer, autocast_for, train_step
+from sparselm.training.loop import Phase, StepCost, Trainer, train_step
 from sparselm.training.optim import adamw
 from sparselm.training.pretraining import next_token_loss
 

@@ -297,7 +297,6 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..data.tasks import TASKS
     from ..experiments.spec import builtin_specs
     from ..training.config import FinetuneConfig as F
     from ..evaluation.evaluate import EvaluateConfig as E
