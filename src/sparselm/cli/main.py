@@ -213,7 +213,9 @@ def cmd_prune(args) -> int:
 
     cfg = config.load(PruneConfig, args.config, args.overrides, _config_flags(args))
     s = prune_run(cfg)
-    _say(f"pruned {cfg.from_run} by magnitude to sparsity {s['sparsity']['measured']:.4f} -> {cfg.out}")
+    p = s["pruning"]
+    _say(f"pruned {cfg.from_run} ({s['sparsity']['method']}) to sparsity {s['sparsity']['measured']:.4f} in {p['seconds']:.1f}s "
+         f"on {p['device']} (peak memory {p['peak_memory_bytes'] / 2**20:.0f} MiB) -> {cfg.out}")
     return 0
 
 
@@ -321,12 +323,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a shape field, e.g. --set model.n_layer=2")
     p.set_defaults(func=cmd_flops)
 
-    p = sub.add_parser("prune", help="one-shot magnitude pruning of a dense run (prune-then-fine-tune baseline)")
+    p = sub.add_parser("prune", help="one-shot pruning of a trained run or HF model directory (magnitude, Wanda, SparseGPT)")
     _flag(p, P, "from_run", "--from", metavar="DIR")
     _flag(p, P, "out", "--out", metavar="DIR")
+    _flag(p, P, "method", "--method")
     _flag(p, P, "target", "--sparsity", type=float)
     _flag(p, P, "distribution", "--distribution")
     _flag(p, P, "n_m", "--n-m", metavar="N:M")
+    _flag(p, P, "refine", "--refine")
+    _flag(p, P, "calibration", "--calibration", metavar="SOURCE")
+    _flag(p, P, "nsamples", "--nsamples", type=int)
+    _flag(p, P, "seqlen", "--seqlen", type=int)
+    _flag(p, P, "seed", "--seed", type=int)
+    _flag(p, P, "batch_size", "--batch-size", type=int)
+    _flag(p, P, "device", "--device")
+    for key in ("true_sequential", "offload"):
+        p.add_argument("--" + key.replace("_", "-"), dest=key, action="store_const", const=True, default=None,
+                       help=f"{_field(P, key).metadata['help']} (config key {key})")
     _config_file_flags(p, "prune")
     p.set_defaults(func=cmd_prune)
 

@@ -371,16 +371,49 @@ def load_finetune_config(yaml_path=None, overrides=(), flags: dict | None = None
 
 @dataclass
 class PruneConfig:
-    """One-shot magnitude pruning of a dense run (the prune-then-fine-tune baseline)."""
+    """One-shot pruning of a trained run or HF model directory (``sparselm prune``)."""
 
-    from_run: str | None = option(None, "dense run directory (or local HF model directory) to prune")
+    from_run: str | None = option(None, "trained run directory (or local HF model directory) to prune")
     out: str | None = option(None, "run directory to write")
+    method: str = option("magnitude", "one-shot pruner", choices=lambda: sorted(_pruners()))
     target: float = option(0.75, "fraction of zeros in the block linears", lo=0.0, hi=1.0, hi_open=True)
     distribution: str = option("uniform", "per-layer sparsity distribution", choices=lambda: sorted(DISTRIBUTIONS))
     n_m: str | None = option(None, "N:M structured masks, e.g. '2:4' (overrides target)")
+    refine: str | None = option(None, "mask refinement after pruning (or of a sparse run's masks)",
+                                choices=lambda: sorted(_refiners()))
+    calibration: str = option("corpus", "calibration data: 'corpus' (the run's pre-training corpus), a prepared "
+                                        "corpus DIR, 'task:NAME' (a task's training pairs) or FILE.npy ([n, seqlen] ids)")
+    nsamples: int | None = option(None, "calibration sequences (default 128, or the .npy file's rows)", lo=1)
+    seqlen: int | None = option(None, "tokens per calibration sequence (default: the model's context)", lo=2)
+    seed: int = option(0, "seed of the calibration windows")
+    true_sequential: bool = option(False, "calibrate each group of linears after pruning the ones before it in the block")
+    offload: bool = option(False, "keep every block on the CPU except the one being pruned")
+    batch_size: int = option(1, "calibration sequences per forward pass (1, as the references)", lo=1)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    progress: bool = option(True, "show a progress bar")
+    options: dict = option(help="the pruner's options (e.g. damp for sparsegpt)", default_factory=dict)
+    refine_options: dict = option(help="the refinement's options", default_factory=dict)
 
     def __post_init__(self):
         for key in ("from_run", "out"):
             if not getattr(self, key):
                 raise ConfigError(f"{key}: required (--{'from' if key == 'from_run' else key} DIR)")
         parse_n_m(self.n_m)
+        config.from_dict(_pruners()[self.method].Options, self.options, source="config", prefix="options.")
+        if self.refine:
+            config.from_dict(_refiners()[self.refine].Options, self.refine_options, source="config",
+                             prefix="refine_options.")
+        elif self.refine_options:
+            raise ConfigError("refine_options: given without refine (--refine NAME)")
+
+
+def _pruners():
+    from ..pruning import PRUNERS
+
+    return PRUNERS
+
+
+def _refiners():
+    from ..pruning import REFINERS
+
+    return REFINERS

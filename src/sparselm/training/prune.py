@@ -1,31 +1,75 @@
-"""One-shot magnitude pruning of a trained (dense) run: the "prune, then fine-tune" baseline."""
+"""``sparselm prune``: one-shot pruning of a trained run or HF model directory into a sparse run that
+``finetune`` accepts (its summary keeps the source's pre-training FLOPs)."""
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
-from ..models import block_linear_names
+from ..models import block_linear_names, context_length
 from ..models.card import invocation
 from ..models.runs import load_run
-from ..sparsity import Magnitude, parse_n_m
+from ..pruning import PRUNERS, REFINERS, prune_model
+from ..sparsity import Sparsifier, parse_n_m
 from .checkpoint import save_run
 from .config import PruneConfig
+from .distributed import pick_device
 from .rundir import RunExistsError
+
+log = logging.getLogger(__name__)
+
+
+class _Given(Sparsifier):
+    """Masks computed elsewhere (by a pruner), held as a fixed-mask sparsifier for its report and state."""
+
+    def __init__(self, masks, name: str, **kw):
+        super().__init__(**kw)
+        self.name, self._given = name, masks
+
+    def init_masks(self):
+        return self._given
 
 
 def prune_run(cfg: PruneConfig) -> dict:
-    """Keep the largest-magnitude weights of every block linear; write a run directory that
-    ``finetune`` accepts (its summary keeps the source's pre-training FLOPs)."""
+    """Prune ``cfg.from_run`` with ``cfg.method`` (and refine with ``cfg.refine``) into ``cfg.out``."""
     out = Path(cfg.out)
     if (out / "summary.json").exists():
         raise RunExistsError(f"{out} already holds a run; choose another --out")
     model, tok, masks, source = load_run(cfg.from_run)
-    if masks is not None:
-        raise ValueError(f"{cfg.from_run} is already sparse (it has masks.safetensors); prune a dense run")
-    sparsifier = Magnitude(cfg.target, distribution=cfg.distribution, n_m=parse_n_m(cfg.n_m),
-                           include=block_linear_names(model)).attach(model)
-    out.mkdir(parents=True, exist_ok=True)
+    if masks is not None and not cfg.refine:
+        raise ValueError(f"{cfg.from_run} is already sparse (it has masks.safetensors): prune a dense run, or refine "
+                         "its masks with --refine dsnot")
+    pruner = PRUNERS[cfg.method](**cfg.options)
+    refiner = REFINERS[cfg.refine](**cfg.refine_options) if cfg.refine else None
+    needs_data = (pruner.needs_calibration and masks is None) or (refiner is not None and refiner.needs_calibration)
+    calibration = None
+    if needs_data:
+        from ..pruning.calibration import calibration_tokens
+
+        calibration = calibration_tokens(cfg.calibration, tok, model.config.vocab_size, nsamples=cfg.nsamples,
+                                         seqlen=cfg.seqlen, context=context_length(model), seed=cfg.seed,
+                                         run_dir=cfg.from_run)
+    n_m = parse_n_m(cfg.n_m)
+    t0 = time.perf_counter()
+    result = prune_model(model, pruner, sparsity=cfg.target, distribution=cfg.distribution, n_m=n_m,
+                         include=block_linear_names(model), calibration=calibration, refiner=refiner, masks=masks,
+                         true_sequential=cfg.true_sequential, device=pick_device(cfg.device), offload=cfg.offload,
+                         batch_size=cfg.batch_size, progress=cfg.progress)
+    seconds = time.perf_counter() - t0
+    model.to("cpu")
+    label = cfg.method if masks is None else "given"
+    label += f"+{cfg.refine}" if cfg.refine else ""
+    held = _Given(result.masks, label, sparsity=1.0 - n_m[0] / n_m[1] if n_m else cfg.target,
+                  distribution=cfg.distribution, n_m=n_m, include=list(result.masks)).attach(model)
     summary = dict(source)
-    summary.update(kind="pretrain", pruned_from=str(cfg.from_run), sparsity=sparsifier.report(), command=invocation())
-    save_run(out, model, lambda d: tok.save_pretrained(str(d)), sparsifier.state_dict(), summary)
+    summary.update(kind="pretrain", pruned_from=str(cfg.from_run), sparsity=held.report(), command=invocation(),
+                   pruning={"method": cfg.method if masks is None else None, "refine": cfg.refine,
+                            "options": dict(cfg.options), "refine_options": dict(cfg.refine_options),
+                            "calibration": None if calibration is None else {
+                                "source": cfg.calibration, "nsamples": int(calibration.shape[0]),
+                                "seqlen": int(calibration.shape[1]), "seed": cfg.seed},
+                            "true_sequential": cfg.true_sequential, "seconds": seconds, "device": result.device,
+                            "peak_memory_bytes": result.peak_memory_bytes, "blocks": result.blocks})
+    save_run(out, model, lambda d: tok.save_pretrained(str(d)), held.state_dict(), summary)
     return summary
