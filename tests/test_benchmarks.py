@@ -41,3 +41,15 @@ def test_mask_update_benchmark_prints_both_implementations_with_identical_masks(
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith(("| set", "| rigl"))]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [(m, n) for m in ("set", "rigl") for n in bench.IMPLEMENTATIONS]
     assert all(float(r[2]) > 0 and r[5].strip() == "yes" for r in rows)
+
+
+def test_pruning_benchmark_prints_every_method_next_to_magnitude(capsys):
+    spec = importlib.util.spec_from_file_location("pruning_bench", ROOT / "benchmarks" / "pruning.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--presets", "tiny", "--nsamples", "2", "--threads", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert [r[1].strip() for r in rows] == ["magnitude", "wanda", "sparsegpt"]
+    for r in rows:
+        assert float(r[4]) > 0 and float(r[6].replace(",", "")) > 0  # seconds, peak memory
+    assert rows[0][5].strip() == "1x"
