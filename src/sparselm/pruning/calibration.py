@@ -6,7 +6,8 @@ the model's context in their papers). Sources, all seeded with ``numpy.random.de
 - ``"corpus"``: the train split of the corpus the run ``run_dir`` was pre-trained on (followed back
   through ``pruned_from`` / ``source_run`` of pruned and fine-tuned runs), found in the cache the way
   pre-training found it (``prepare_run_corpus``; prepared again if the cache was deleted);
-- a directory written by ``sparselm data prepare``: its train split;
+- a directory written by ``sparselm data prepare``: its train split (one named ``corpus``: pass
+  ``"./corpus"`` or a ``Path``);
 - ``"task:NAME"``: the task's training pairs as fine-tuning encodes them (``prompt + target + EOS``,
   no context cut), concatenated in a seeded shuffled order;
 - ``FILE.npy``: an integer array ``[n, seqlen]`` used exactly as given, so that a result can be
@@ -45,6 +46,7 @@ def calibration_tokens(source: str | Path, tokenizer, vocab_size: int, *, nsampl
     with another one is refused. ``vocab_size``: the model's; every id must be below it.
     ``cache_dir``: where prepared corpora are looked up (default: the run's, else ``$SPARSELM_CACHE``).
     ``task_dir``: the task's folder for ``task:NAME`` (default: its folder in the shared data)."""
+    is_path = isinstance(source, Path)  # a Path is never the keyword: Path("./corpus") prints as "corpus"
     source = str(source)
     if source.endswith(".npy"):
         return npy_tokens(Path(source), vocab_size, context, nsamples, seqlen)
@@ -55,11 +57,13 @@ def calibration_tokens(source: str | Path, tokenizer, vocab_size: int, *, nsampl
     if not 1 <= length <= context:
         raise CalibrationError(f"seqlen={length}: must be between 1 and the model's context of {context} tokens")
     rng = np.random.default_rng(seed)
-    if source.startswith(TASK_PREFIX):
-        tokens = task_stream(source.removeprefix(TASK_PREFIX), tokenizer, rng, task_dir)
+    if source.startswith(TASK_PREFIX) and not is_path:
+        tokens, what = task_stream(source.removeprefix(TASK_PREFIX), tokenizer, rng, task_dir), "training pairs"
     else:
-        tokens = corpus_stream(source, tokenizer, run_dir, cache_dir)
+        tokens, what = corpus_stream(source, tokenizer, run_dir, cache_dir, is_path), "train split"
     windows = random_windows(tokens, n, length, rng, source)
+    log.info("calibration: %d windows of %d tokens from %s (%s, %s tokens), seed %d", n, length, source, what,
+             f"{len(tokens):,}", seed)
     top = int(windows.max())
     if top >= vocab_size:
         raise CalibrationError(f"calibration source {source}: token id {top} is outside the model's vocabulary of "
@@ -118,12 +122,12 @@ def task_stream(name: str, tokenizer, rng: np.random.Generator, task_dir=None) -
     return np.concatenate([np.asarray(encoded[k], dtype=np.int64) for k in rng.permutation(len(encoded))])
 
 
-def corpus_stream(source: str, tokenizer, run_dir, cache_dir):
+def corpus_stream(source: str, tokenizer, run_dir, cache_dir, is_path: bool = False):
     """The train split of ``"corpus"`` (the run's) or of a prepared directory, after the tokenizer check."""
     from ..data.corpus import TokenizedCorpus
     from ..data.prepare import is_prepared
 
-    if source == "corpus":
+    if source == "corpus" and not is_path:
         if run_dir is None:
             raise CalibrationError("calibration source 'corpus' needs the run it was pre-trained on (run_dir); "
                                    "or pass a prepared corpus directory, task:NAME or FILE.npy")
