@@ -233,10 +233,18 @@ def cmd_finetune(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .. import config
-    from ..evaluation.evaluate import EvaluateConfig, eval_path, evaluate, format_table
+    from ..evaluation.evaluate import PERPLEXITY, EvaluateConfig, eval_path, evaluate, format_table
     from ..training.distributed import pick_device
 
     cfg = config.load(EvaluateConfig, args.config, args.overrides, _config_flags(args))
+    if cfg.task == PERPLEXITY:
+        from ..evaluation.perplexity import evaluate_perplexity, format_perplexity, perplexity_path
+
+        result = evaluate_perplexity(cfg.model, cfg.data, cfg.seqlen, device=pick_device(cfg.device),
+                                     batch_size=cfg.ppl_batch_size, progress=cfg.progress, out=cfg.out)
+        print(format_perplexity(result))
+        print(f"-> {perplexity_path(cfg.model, cfg.data, result['seqlen'], cfg.out)}")
+        return 0
     result = evaluate(cfg.model, cfg.task, cfg.split, cfg.limit, cfg.decoding, cfg.data_dir,
                       pick_device(cfg.device), progress=cfg.progress, out=cfg.out)
     print(format_table(result))
@@ -365,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common_run_flags(p, F, "runs/finetune")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="beam-search a task split and score it with the official metrics")
+    p = sub.add_parser("evaluate", help="beam-search a task split and score it with the official metrics, "
+                                        "or the perplexity of a text (--task perplexity --data FILE)")
     _flag(p, E, "model", "--from", "--model", metavar="DIR")
     _flag(p, E, "out", "--out", metavar="DIR")
     _flag(p, E, "task", "--task")
@@ -377,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, E, "decoding.max_new_tokens", "--max-new-tokens", type=int)
     _flag(p, E, "decoding.batch_size", "--batch-size", type=int)
     _flag(p, E, "data_dir", "--data-dir", metavar="DIR")
+    _flag(p, E, "data", "--data", metavar="FILE.txt|PREPARED_DIR")
+    _flag(p, E, "seqlen", "--seqlen", type=int)
+    _flag(p, E, "ppl_batch_size", "--ppl-batch-size", type=int)
     _flag(p, E, "device", "--device")
     _config_file_flags(p, "evaluate")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None, help="no progress bar")

@@ -90,6 +90,16 @@ class TokenizedCorpus:
     def tokenizer(self):
         return load_tokenizer(self.dir / "tokenizer.json")
 
+    def check_tokenizer(self, tokenizer, model: str) -> None:
+        """Refuse to feed ``model`` (a name for the message) tokens of another tokenizer: its ids would
+        mean other words. ``tokenizer``: the model's (HF fast tokenizer or ``tokenizers.Tokenizer``)."""
+        from .tokenizer import encoding_hash
+
+        if encoding_hash(tokenizer) != encoding_hash(self.tokenizer()):
+            raise CorpusError(f"{self.dir} was tokenized with another tokenizer ({self.tokenizer_source}, "
+                              f"{self.vocab_size} tokens) than the model {model} uses; prepare the text with the "
+                              f"model's tokenizer: sparselm data prepare --corpus TEXT --tokenizer {model} --out DIR")
+
     def check_windows(self, block_size: int) -> None:
         """Each split must hold at least one training window of ``block_size + 1`` tokens."""
         for split, n in (("train", self.train_tokens), ("val", self.val_tokens)):

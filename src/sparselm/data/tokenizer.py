@@ -135,6 +135,16 @@ def tokenizer_hash(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
 
 
+def encoding_hash(tok) -> str:
+    """A hash of what decides the ids of a text: normalizer, pre-tokenizer, model (vocabulary and
+    merges) and added tokens. Not ``tokenizer_hash``: transformers' ``save_pretrained`` rewrites the
+    post-processor of the same tokenizer. ``tok``: a ``tokenizers.Tokenizer`` or an HF fast tokenizer."""
+    spec = json.loads(getattr(tok, "backend_tokenizer", tok).to_str())
+    added = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
+    key = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer"), spec.get("model"), added], sort_keys=True)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
 def encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text (special tokens of the tokenizer's template included). Uses
     ``encode_batch_fast`` (no character offsets; same ids) where this tokenizers version has it."""

@@ -20,6 +20,7 @@ from .metrics import score
 from .uncertainty import LEVEL, RESAMPLES, bleu_segments, bootstrap_ci
 
 log = logging.getLogger(__name__)
+PERPLEXITY = "perplexity"  # not a data-to-text task: the perplexity of a text (evaluation/perplexity.py)
 
 
 @dataclass
@@ -27,7 +28,7 @@ class EvaluateConfig:
     """What ``sparselm evaluate`` runs: a model on a task split, with a decoding setup."""
 
     model: str | None = option(None, "model directory (a fine-tuning run), or 'copy' for the copy-the-input baseline")
-    task: str = option("e2e", "task", choices=lambda: sorted(TASKS))
+    task: str = option("e2e", "task, or 'perplexity' (of --data)", choices=lambda: [*sorted(TASKS), PERPLEXITY])
     split: str = option("test", "split", choices=("train", "validation", "test"))
     limit: int | None = option(None, "first N inputs only (default: all)", lo=1)
     data_dir: str | None = option(None, "task folder (default: its folder in $SPARSELM_DATA / shared/data)")
@@ -35,11 +36,22 @@ class EvaluateConfig:
                                    "required for any other model directory, which is never written to)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     progress: bool = option(True, "show a progress bar")
+    data: str | None = option(None, "task perplexity: a text file, or a prepared corpus folder (its validation split)")
+    seqlen: int | None = option(None, "task perplexity: tokens per window (default: the model's context)", lo=2)
+    ppl_batch_size: int = option(8, "task perplexity: windows per forward pass", lo=1)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
     def __post_init__(self):
         if not self.model:
             raise ConfigError("model: required (--from DIR, or --from copy)")
+        if self.task == PERPLEXITY:
+            if not self.data:
+                raise ConfigError("data: required with task perplexity (--data FILE.txt or a prepared corpus folder)")
+            if self.model == "copy":
+                raise ConfigError("model: the copy baseline has no perplexity; pass --from DIR")
+        elif self.data or self.seqlen:
+            raise ConfigError(f"{'data' if self.data else 'seqlen'}: only for --task perplexity; task {self.task} "
+                              "reads its own splits (--data-dir for its folder)")
 
 
 def evaluate(model_dir: str | Path, task: str = "e2e", split: str = "test", limit: int | None = None,

@@ -137,9 +137,12 @@ def _training_section(s: dict) -> list[str]:
 
 def _eval_section(run_dir: Path) -> list[str]:
     results = sorted((run_dir / "eval").glob("*.json")) if (run_dir / "eval").is_dir() else []
-    rows = []
+    rows, ppl_rows = [], []
     for path in results:
         r = _json(path)
+        if r.get("task") == "perplexity" and "ppl" in r:
+            ppl_rows.append(f"| `{Path(str(r.get('data'))).name}` | {r.get('seqlen')} | {r.get('n_windows')} | "
+                            f"{r.get('n_tokens_scored', 0):,} | {r['ppl']:.3f} |")
         if "metrics" not in r:
             continue
         ci = r.get("confidence", {}).get("bleu")
@@ -147,7 +150,14 @@ def _eval_section(run_dir: Path) -> list[str]:
                             for k, v in r["metrics"].items())
         rows.append(f"| {r.get('task')} | {r.get('split')} | {r.get('n_examples')} | "
                     f"{r.get('decoding', {}).get('num_beams')} | {metrics} |")
-    if not rows:
+    if not rows and not ppl_rows:
         return []
-    return ["## Evaluation", "", "BLEU with its 95% bootstrap interval over test inputs.", "",
-            "| task | split | inputs | beams | metrics |", "|---|---|---:|---:|---|", *rows, ""]
+    out = ["## Evaluation", ""]
+    if rows:
+        out += ["BLEU with its 95% bootstrap interval over test inputs.", "",
+                "| task | split | inputs | beams | metrics |", "|---|---|---:|---:|---|", *rows, ""]
+    if ppl_rows:
+        out += ["Perplexity: exp of the mean next-token loss over non-overlapping windows of the text (the tail "
+                "shorter than a window dropped), as Wanda and SparseGPT report it.", "",
+                "| data | window | windows | tokens scored | perplexity |", "|---|---:|---:|---:|---:|", *ppl_rows, ""]
+    return out

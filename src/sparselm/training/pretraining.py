@@ -27,7 +27,7 @@ from .optim import adamw, cosine_lr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["pretrain", "param_count", "next_token_loss"]
+__all__ = ["pretrain", "param_count", "next_token_loss", "prepare_run_corpus"]
 
 
 def param_count(model: torch.nn.Module) -> int:
@@ -59,6 +59,16 @@ def evaluate_loss(model, tokens, batch_size: int, block_size: int, n_batches: in
     return total / count
 
 
+def prepare_run_corpus(cfg: PretrainConfig, log=logger.info, progress: bool = False):
+    """The tokenized corpus ``cfg`` trains on, prepared now or found in the cache: one function, so
+    that calibration (``sparselm.pruning.calibration``) finds a finished run's corpus as it was."""
+    options = cfg.data.prepare_options()
+    if cfg.model.init_from:  # the model's own tokenizer, never another one
+        options["tokenizer"] = cfg.model.init_from
+    return prepare_corpus(cfg.data.corpus or str(default_corpus()), cfg.shape().vocab_size, cfg.data.val_fraction,
+                          cfg.data.cache_dir, log=log, progress=progress, **options)
+
+
 @writes_run
 def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = None, log=logger.info) -> dict:
     """Train, write the run directory, return its summary."""
@@ -68,11 +78,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool | None = 
     device, dist, log = start.device, start.dist, start.log
 
     shape, init = cfg.shape(), cfg.model.init_from
-    options = cfg.data.prepare_options()
-    if init:  # the model's own tokenizer, never another one
-        options["tokenizer"] = init
-    corpus = prepare_corpus(cfg.data.corpus or str(default_corpus()), shape.vocab_size, cfg.data.val_fraction,
-                            cfg.data.cache_dir, log=log, progress=cfg.run.progress and dist.is_main, **options)
+    corpus = prepare_run_corpus(cfg, log, progress=cfg.run.progress and dist.is_main)
     if init and corpus.vocab_size > shape.vocab_size:
         raise ValueError(f"{init}: the tokenizer has {corpus.vocab_size} tokens but the model's embedding only "
                          f"{shape.vocab_size} rows; the directory's tokenizer and model do not belong together")
