@@ -391,6 +391,8 @@ def test_prune_rows_run_end_to_end_report_and_resume(tmp_path, small_corpus, cac
         weights = dict(model.named_parameters())
         for name, mask in masks.items():
             assert not weights[name].detach()[~mask.bool()].any(), name
+        assert summary["pruning"]["calibration"] == (None if method == "magnitude" else
+                                                     {"source": "corpus", "nsamples": 4, "seqlen": 32, "seed": 1337})
     if calls:  # the stand-in: Wanda calibrated on the dense run's own corpus, seeded by the grid's seed
         assert calls == [{"source": "corpus", "nsamples": 4, "seqlen": 32, "seed": 1337,
                           "run_dir": str(out / "pretrain" / "s00-dense-seed1337")}]

@@ -66,7 +66,7 @@ def dry_run(spec: ExperimentSpec, out: Path, device: str = "auto") -> str:
             eta = fwd / FLOPS_PER_S[kind]
             total_s += 0 if cell.done() else eta
             lines.append(f"{cell.name:<34}{tokens:>10.3g}{'':>14}{fwd:>14.3e}{duration(eta):>9}  "
-                         f"{'done' if cell.done() else 'todo'} (calibration forward passes only)")
+                         f"{'done' if cell.done() else 'todo'} ({'calibration forward passes only' if tokens else 'no calibration'})")
             continue
         cfg = spec.pretrain_config(cell.sparsity, cell.method, cell.seed, str(cell.dir))
         shape = cfg.planned_shape()
