@@ -247,3 +247,171 @@ def test_method_variant_errors(tmp_path, methods, match):
     path.write_text(yaml.safe_dump({"preset": "tiny", "sparsities": [0.0, 0.5], "methods": methods, "tasks": ["e2e"]}))
     with pytest.raises(SpecError, match=match):
         load_spec(str(path))
+
+
+# ---- prune-then-fine-tune rows ----------------------------------------------------------------
+PRUNE_ROWS = [{"method": "wanda", "sparsity": 0.75}, {"method": "magnitude", "sparsity": 0.75, "n_m": None},
+              {"method": "sparsegpt", "n_m": "2:4", "calibration": "corpus", "nsamples": 32}, "sparsegpt"]
+
+
+def prune_spec(tmp_path, prune=PRUNE_ROWS, **change) -> str:
+    data = yaml.safe_load(yaml.safe_dump(load_spec("cpu-demo").to_dict()))
+    data.update(prune=prune, **change)
+    path = tmp_path / "prune.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_prune_rows_plan_configs_and_dry_run(tmp_path):
+    spec = load_spec(prune_spec(tmp_path))
+    pre, fine = plan(spec, tmp_path / "grid")
+    names = [c.name for c in pre]
+    # a row without sparsity or n_m prunes to each of the spec's sparsities; 2:4 is 50%
+    assert names == ["s00-dense-seed1337", "s50-static-seed1337", "s75-static-seed1337", "pruned-wanda-s75-seed1337",
+                     "pruned-magnitude-s75-seed1337", "pruned-sparsegpt-2of4-s50-seed1337", "pruned-sparsegpt-s50-seed1337",
+                     "pruned-sparsegpt-s75-seed1337"]
+    assert len(fine) == 5 + 5 * 2  # every prune cell ends sparse: dense and sparse fine-tuning
+    cell = pre[5]
+    assert (cell.dir, cell.source.name, cell.sparsity, cell.method) == (
+        tmp_path / "grid" / "prune" / cell.name, "s00-dense-seed1337", 0.5, "pruned-sparsegpt-2of4")
+    assert [f.name for f in fine if f.pretrain is cell] == [f"{cell.name}/e2e-dense", f"{cell.name}/e2e-sparse"]
+    cfg = spec.prune_config(cell.row, cell.seed, str(cell.source.dir), str(cell.dir))
+    assert (cfg.method, cfg.n_m, cfg.nsamples, cfg.calibration, cfg.seed, cfg.from_run) == (
+        "sparsegpt", "2:4", 32, "corpus", 1337, str(cell.source.dir))
+    assert spec.prune_config(pre[3].row, 1337, "x", "y").calibration == "corpus"  # the grid's default
+    assert pre[3].row.display == "75% pruned: wanda" and cell.row.display == "2:4 pruned: sparsegpt"
+    text = dry_run(spec, tmp_path / "grid", device="cpu")
+    assert "3 pre-training runs, 5 prune runs, 15 fine-tuning runs" in text
+    assert "pruned-sparsegpt-2of4-s50-seed1337" in text and "x15 cells, 15 todo" in text
+
+
+@pytest.mark.parametrize("prune,match", [
+    ([{"method": "obs", "sparsity": 0.5}], r"prune\[0\].method: unknown 'obs'; choose from \['magnitude', 'sparsegpt', 'wanda'\]"),
+    ([{"sparsity": 0.5}], r"prune\[0\]: a row needs a method"),
+    ([{"method": "wanda", "out": "x"}], r"prune\[0\].out: set by the grid"),
+    ([{"method": "wanda", "from_run": "x"}], r"prune\[0\].from_run: set by the grid"),
+    ([{"method": "wanda", "target": 0.5}], r"prune\[0\].target: write sparsity"),
+    ([{"method": "wanda", "sparsity": 1.0}], r"prune\[0\].sparsity: 1.0 is not a fraction"),
+    ([{"method": "wanda", "sparsity": "most"}], r"prune\[0\].sparsity: 'most' is not a fraction"),
+    ([{"method": "wanda", "n_m": "4:4"}], r"prune\[0\].n_m: '4:4' must keep 0 < N < M"),
+    (["magnitude", {"method": "wanda", "n_m": 124}], r"prune\[1\].n_m: expected a string like '2:4', got 124 \(quote it"),
+    ([{"method": "wanda", "n_m": "2-4"}], r"prune\[0\].n_m: N:M must look like"),
+    ([{"method": "wanda", "n_m": "2:4", "sparsity": 0.75}], r"prune\[0\].sparsity: 0.75 contradicts n_m '2:4'"),
+    ([{"method": "wanda", "nsample": 8}], r"prune\[0\].nsample: unknown key.*did you mean prune\[0\].nsamples"),
+    ([{"method": "sparsegpt", "options": {"dampp": 0.1}}], r"prune\[0\].options.dampp: unknown key"),
+    ([{"method": "wanda", "nsamples": 0}], r"prune\[0\].nsamples: 0"),
+    ([{"method": "wanda", "sparsity": 0.5}, {"method": "wanda", "sparsity": 0.5, "nsamples": 8}],
+     r"prune\[1\]: same label 'pruned-wanda' and sparsity 0.5 as prune\[0\]; give one of them a name"),
+    ([{"method": "wanda", "name": "static"}], r"prune\[0\]: its label 'static' is a pre-training method's"),
+    ([{"method": "wanda", "name": "a/b"}], r"prune\[0\].name: 'a/b' must be letters"),
+    ({"method": "wanda"}, "prune: expected a list of rows"),
+])
+def test_prune_row_errors(tmp_path, prune, match):
+    with pytest.raises(SpecError, match=match):
+        load_spec(prune_spec(tmp_path, prune))
+
+
+def test_prune_rows_need_the_dense_run(tmp_path):
+    with pytest.raises(SpecError, match="prune: prune rows start from the dense pre-training run; add 0.0 to sparsities"):
+        load_spec(prune_spec(tmp_path, sparsities=[0.5]))
+
+
+def test_a_grid_started_before_prune_rows_existed_still_resumes(tmp_path):
+    from sparselm.experiments.runner import _check_spec_file
+
+    spec = load_spec("cpu-demo")
+    saved = spec.to_dict()
+    del saved["prune"]  # spec.yaml of a grid run before the field existed
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(saved))
+    _check_spec_file(spec, tmp_path)  # no error: the missing field is read as its default
+    (tmp_path / "other").mkdir()
+    with_prune = load_spec(prune_spec(tmp_path / "other"))
+    with pytest.raises(SpecError, match=r"fields \['prune'\] differ"):
+        _check_spec_file(with_prune, tmp_path)
+
+
+def _calibration_stand_in(monkeypatch) -> list:
+    """``sparselm.pruning.calibration`` (branch prune-datain) where this tree has it; else a stand-in
+    that records its calls and returns seeded random ids of the asked shape."""
+    try:
+        import sparselm.pruning.calibration  # noqa: F401
+        return []
+    except ImportError:
+        import types
+
+        import torch
+
+        calls = []
+
+        def calibration_tokens(source, tokenizer, vocab_size, *, nsamples=None, seqlen=None, context, seed=0, run_dir=None):
+            calls.append({"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "run_dir": run_dir})
+            return torch.randint(0, vocab_size, (nsamples or 128, seqlen or context), generator=torch.Generator().manual_seed(seed))
+
+        monkeypatch.setitem(sys.modules, "sparselm.pruning.calibration",
+                            types.SimpleNamespace(calibration_tokens=calibration_tokens))
+        return calls
+
+
+@pytest.mark.slow
+def test_prune_rows_run_end_to_end_report_and_resume(tmp_path, small_corpus, cache_dir, monkeypatch):
+    """dense pre-training -> magnitude and Wanda pruning -> dense and sparse fine-tuning -> evaluation;
+    the report shows the rows at the dense run's FLOPs, and a rerun redoes nothing."""
+    from safetensors.torch import load_file
+
+    from sparselm.experiments.runner import run
+
+    monkeypatch.setenv("SPARSELM_CACHE", str(cache_dir))
+    monkeypatch.setattr("sparselm.evaluation.metrics.java_available", lambda: False)  # METEOR's JVM: 5-30 s a cell
+    calls = _calibration_stand_in(monkeypatch)
+    spec_data = yaml.safe_load(open(micro_spec(tmp_path, small_corpus)))
+    spec_data.update(sparsities=[0.0], prune=[{"method": "magnitude", "sparsity": 0.5},
+                                              {"method": "wanda", "sparsity": 0.5, "nsamples": 4, "seqlen": 32}])
+    spec_data["pretrain"]["optim"]["max_steps"] = 20
+    spec_data["finetune"]["optim"]["max_steps"] = 3
+    spec_data.update(eval_limit=2, decoding={"num_beams": 1, "max_new_tokens": 8})
+    (tmp_path / "micro.yaml").write_text(yaml.safe_dump(spec_data))
+    spec = load_spec(str(tmp_path / "micro.yaml"))
+    out = tmp_path / "grid"
+    logs = []
+    results = run(spec, out, device="cpu", progress=False, log=logs.append)
+
+    assert not (out / "failures").exists(), [p.read_text()[-600:] for p in (out / "failures").glob("*")]
+    dense = json.loads((out / "pretrain" / "s00-dense-seed1337" / "summary.json").read_text())
+    for method in ("magnitude", "wanda"):
+        run_dir = out / "prune" / f"pruned-{method}-s50-seed1337"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["pruning"]["method"] == method and summary["pruned_from"] == str(out / "pretrain" / "s00-dense-seed1337")
+        masks = load_file(str(run_dir / "masks.safetensors"))
+        kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+        assert kept == pytest.approx(0.5, abs=1e-3)
+        # sparse fine-tuning kept the pruned weights at zero
+        from sparselm.models.runs import load_run
+
+        model, _, _, _ = load_run(out / "finetune" / run_dir.name / "e2e-sparse")
+        weights = dict(model.named_parameters())
+        for name, mask in masks.items():
+            assert not weights[name].detach()[~mask.bool()].any(), name
+        assert summary["pruning"]["calibration"] == (None if method == "magnitude" else
+                                                     {"source": "corpus", "nsamples": 4, "seqlen": 32, "seed": 1337})
+    if calls:  # the stand-in: Wanda calibrated on the dense run's own corpus, seeded by the grid's seed
+        assert calls == [{"source": "corpus", "nsamples": 4, "seqlen": 32, "seed": 1337,
+                          "run_dir": str(out / "pretrain" / "s00-dense-seed1337")}]
+
+    pruned = [p for p in results["pretrain"] if p.get("pruning")]
+    assert [(p["cell"], p["label"], p["status"]) for p in pruned] == [
+        ("pruned-magnitude-s50-seed1337", "50% pruned: magnitude", "done"), ("pruned-wanda-s50-seed1337", "50% pruned: wanda", "done")]
+    assert all(p["train_flops"] == dense["train_flops"] and p["val_loss"] is None for p in pruned)
+    rows = [r for r in results["rows"] if r["method"].startswith("pruned-")]
+    assert len(rows) == 4 and all(r["status"] == "done" and r["bleu"] is not None for r in rows)
+    assert all(r["pretrain_flops"] == dense["train_flops"] for r in rows)
+    md = (out / "report.md").read_text()
+    assert "| 50% pruned: wanda | " in md and "| 50% pruned: magnitude | " in md and "pruned one-shot" in md
+    assert {c["what"] for c in results["comparisons"]} <= {"pruned_vs_dense", "dense_ft_vs_sparse_ft"}
+    assert len(results["comparisons"]) == 4
+
+    stamp = (out / "prune" / "pruned-wanda-s50-seed1337" / "summary.json").stat().st_mtime_ns
+    logs.clear()
+    run(spec, out, device="cpu", progress=False, log=logs.append)
+    assert "[2/3] prune pruned-magnitude-s50-seed1337: done, skipped" in logs
+    assert sum("done, skipped" in line for line in logs) == 3 + 5
+    assert (out / "prune" / "pruned-wanda-s50-seed1337" / "summary.json").stat().st_mtime_ns == stamp

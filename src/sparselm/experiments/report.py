@@ -39,20 +39,37 @@ def _spread(cell: dict, field: str, digits: int = 2) -> str:
 
 def _significance(results: dict) -> list[str]:
     """One sentence per SPDF comparison: the difference, its interval and whether it is significant."""
+    labels = _labels(results)
     words = {"spdf_vs_dense": "sparse pre-training + dense fine-tuning vs dense pre-training + dense fine-tuning",
-             "dense_ft_vs_sparse_ft": "dense vs sparse fine-tuning of the same sparse model"}
+             "pruned_vs_dense": "dense pre-training, pruning + dense fine-tuning vs dense pre-training + dense fine-tuning",
+             "dense_ft_vs_sparse_ft": "dense vs sparse fine-tuning of the same sparse model",
+             "spdf_vs_pruned": "sparse pre-training vs pruning the dense run ({b}), both + dense fine-tuning"}
     out = []
     for c in results.get("comparisons", []):
-        a = _label(c["a"][1], c["a"][2])
+        a = _label(c["a"][1], c["a"][2], labels)
         verdict = ("significant" if c["p_value"] < 1 - c["level"] else "not significant") + f" at {100 * (1 - c['level']):.0f}%"
-        out.append(f"{c['task']}, {a}: {words[c['what']]}: ΔBLEU {c['delta']:+.2f} "
+        what = words[c["what"]].format(b=_label(c["b"][1], c["b"][2], labels))
+        out.append(f"{c['task']}, {a}: {what}: ΔBLEU {c['delta']:+.2f} "
                    f"({100 * c['level']:.0f}% CI [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}], p = {c['p_value']:.3f}, "
                    f"{c['n_inputs']} paired inputs over {c['n_seeds']} seed(s)): {verdict}.")
     return out
 
 
-def _label(sparsity: float, method: str) -> str:
-    return "dense" if sparsity == 0 else f"{round(100 * sparsity)}% {method}"
+def _label(sparsity: float, method: str, labels: dict | None = None) -> str:
+    """'dense', '75% static', or a prune row's own label ('75% pruned: wanda')."""
+    if sparsity == 0:
+        return "dense"
+    return (labels or {}).get((sparsity, method)) or f"{round(100 * sparsity)}% {method}"
+
+
+def _labels(results: dict) -> dict:
+    """(sparsity, method) -> label of the prune rows, which say their method, refinement and sparsity."""
+    return {(p["sparsity"], p["method"]): p["label"] for p in results["pretrain"] if p.get("label")}
+
+
+def _order(sparsity: float, method: str, labels: dict) -> tuple:
+    """Rows by sparsity, pre-training methods before prune rows."""
+    return sparsity, (sparsity, method) in labels, method
 
 
 # ---- plots ----------------------------------------------------------------------------------
@@ -73,6 +90,7 @@ def _plots(results: dict, out: Path) -> list[tuple[str, str]]:
         (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(fmt)
 
     plt.rcParams.update({"font.size": 11, "axes.grid": True, "grid.alpha": 0.3})
+    labels = _labels(results)
     (out / "plots").mkdir(exist_ok=True)
     made = []
 
@@ -83,7 +101,7 @@ def _plots(results: dict, out: Path) -> list[tuple[str, str]]:
             val = [c for c in p["curve"] if "val_loss" in c and c.get("tokens") is not None]
             if not val:
                 continue
-            label = _label(p["sparsity"], p["method"]) + (f" (seed {p['seed']})" if len(results["spec"]["seeds"]) > 1 else "")
+            label = _label(p["sparsity"], p["method"], labels) + (f" (seed {p['seed']})" if len(results["spec"]["seeds"]) > 1 else "")
             line, = axes[0].plot([c["tokens"] for c in val], [c["val_loss"] for c in val], marker="o", label=label)
             axes[1].plot([c["train_flops"] for c in val], [c["val_loss"] for c in val], marker="o", color=line.get_color(), label=label)
         axes[0].set_xlabel("tokens seen")
@@ -107,7 +125,7 @@ def _plots(results: dict, out: Path) -> list[tuple[str, str]]:
         for ax, task in zip(axes[0], tasks):
             for mode, marker in (("dense", "o"), ("sparse", "s"), ("lora", "^")):
                 def point(k, v):
-                    return v["pretrain_flops"], v["bleu"], v.get("bleu_std", 0.0), _label(k[2], k[3])
+                    return v["pretrain_flops"], v["bleu"], v.get("bleu_std", 0.0), _label(k[2], k[3], labels)
 
                 pts = sorted(point(k, v) for k, v in cells.items()
                              if k[0] == task and k[1] == mode and v.get("bleu") is not None and v.get("pretrain_flops"))
@@ -139,7 +157,8 @@ def _plots(results: dict, out: Path) -> list[tuple[str, str]]:
                 for j, mode in enumerate(("dense", "sparse")):
                     # SPDF's own method (static masks) where a sparsity has several methods
                     found = [sorted(((k[3] != "static", str(k[3])), v) for k, v in cells.items()
-                                    if k[0] == task and k[1] == mode and k[2] == s and v.get("bleu") is not None)
+                                    if k[0] == task and k[1] == mode and k[2] == s and v.get("bleu") is not None
+                                    and (k[2], k[3]) not in labels)
                              for s in sparse_levels]
                     vals = [f[0][1]["bleu"] if f else 0.0 for f in found]
                     errs = [f[0][1].get("bleu_std", 0.0) if f else 0.0 for f in found]
@@ -167,7 +186,7 @@ def _plots(results: dict, out: Path) -> list[tuple[str, str]]:
         fig, axes = plt.subplots(1, len(tasks) or 1, figsize=(5.5 * max(1, len(tasks)), 4.5), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             for r in sorted((r for r in curves if r["task"] == task), key=lambda r: (r["sparsity"], r["method"], r["mode"], r["seed"])):
-                label = f"{_label(r['sparsity'], r['method'])}, {r['mode']} FT" + (
+                label = f"{_label(r['sparsity'], r['method'], labels)}, {r['mode']} FT" + (
                     f" (seed {r['seed']})" if len(results["spec"]["seeds"]) > 1 else "")
                 ax.plot([c["step"] for c in r["ft_curve"]], [c["val_loss"] for c in r["ft_curve"]], marker=".",
                         ls="--" if r["mode"] == "sparse" else "-", label=label)
@@ -186,7 +205,9 @@ def _plots(results: dict, out: Path) -> list[tuple[str, str]]:
 def _blocks(results: dict, plots) -> list[tuple]:
     spec = results["spec"]
     blocks: list[tuple] = [("h1", f"SPDF report: {spec['name']}")]
-    blocks.append(("p", f"Preset {spec['preset']}, sparsities {spec['sparsities']}, methods {spec['methods']}, "
+    labels = _labels(results)
+    pruned = f"prune-then-fine-tune rows {sorted(set(labels.values()))}, " if labels else ""
+    blocks.append(("p", f"Preset {spec['preset']}, sparsities {spec['sparsities']}, methods {spec['methods']}, {pruned}"
                         f"tasks {spec['tasks']}, fine-tuning modes {spec['modes']}, seeds {spec['seeds']}; "
                         f"metrics on the {results['eval_split']} split"
                         + (f" (first {spec['eval_limit']} inputs)" if spec.get("eval_limit") else "") + "."))
@@ -198,7 +219,7 @@ def _blocks(results: dict, plots) -> list[tuple]:
     header = (["pre-training", "pre-train FLOPs", "FT"] + [f"{t} BLEU" for t in tasks] + [f"{t} Δ" for t in tasks]
               + [f"{t} BLEU 95% CI" for t in tasks])
     rows = []
-    levels = sorted({(k[2], k[3]) for k in cells})
+    levels = sorted({(k[2], k[3]) for k in cells}, key=lambda k: _order(*k, labels))
     for sparsity, method in levels:
         for mode in spec["modes"]:
             if sparsity == 0 and mode == "sparse":
@@ -212,12 +233,17 @@ def _blocks(results: dict, plots) -> list[tuple]:
                 deltas.append(_fmt(v["bleu"] - base["bleu"], 2) if v and base and sparsity > 0 else "")
                 ci = pooled.get((t, mode, sparsity, method))
                 cis.append(f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "—")
-            rows.append([_label(sparsity, method), _fmt(fl), mode] + vals + deltas + cis)
+            rows.append([_label(sparsity, method, labels), _fmt(fl), mode] + vals + deltas + cis)
     blocks += [("h2", "Main result"),
                ("p", "BLEU: mean ± standard deviation over seeds (n = seeds) where there are several. "
                      "Δ: difference of the means to dense pre-training + dense fine-tuning (negative = quality lost). "
                      "95% CI: percentile bootstrap over test inputs (1000 resamples), every seed's outputs pooled."),
                ("table", header, rows)]
+    if labels:
+        blocks.append(("p", "Rows 'pruned: M' (or 'M+R') are the dense pre-training run pruned one-shot with M (and its masks "
+                            "refined with R) to that sparsity or N:M pattern, then fine-tuned with the same budget as every "
+                            "other row; their pre-training FLOPs are the dense run's (pruning's calibration passes not counted), "
+                            "and their validation loss after pruning is not measured (—)."))
     sentences = _significance(results)
     if sentences:
         blocks += [("h2", "Which differences are significant"),
@@ -227,9 +253,9 @@ def _blocks(results: dict, plots) -> list[tuple]:
 
     # pre-training
     prow = []
-    for p in sorted(results["pretrain"], key=lambda p: (p["sparsity"], p["method"], p["seed"])):
+    for p in sorted(results["pretrain"], key=lambda p: (*_order(p["sparsity"], p["method"], labels), p["seed"])):
         ratio = p["dense_train_flops"] / p["train_flops"] if p.get("train_flops") else None
-        prow.append([_label(p["sparsity"], p["method"]), p["seed"], p["status"], _fmt(p.get("val_loss"), 4), _fmt(p.get("train_flops")),
+        prow.append([_label(p["sparsity"], p["method"], labels), p["seed"], p["status"], _fmt(p.get("val_loss"), 4), _fmt(p.get("train_flops")),
                      _fmt(ratio), _fmt(p.get("average_param_count"), 0), _fmt(p.get("wall_time_s"), 0)])
     blocks += [("h2", "Pre-training"),
                ("table", ["run", "seed", "status", "val loss", "train FLOPs", "FLOPs saved (x)", "avg non-zero params", "wall s"], prow)]
@@ -237,10 +263,10 @@ def _blocks(results: dict, plots) -> list[tuple]:
     for t in tasks:
         metrics = [m for name, m in METRICS.items() if any(name in v for k, v in cells.items() if k[0] == t)]
         trows = []
-        for (task, mode, sparsity, method), v in sorted(cells.items(), key=lambda kv: (kv[0][2], kv[0][1])):
+        for (task, mode, sparsity, method), v in sorted(cells.items(), key=lambda kv: (kv[0][2], kv[0][2:4] in labels, kv[0][1])):
             if task != t:
                 continue
-            trows.append([_label(sparsity, method), mode] + [_spread(v, m.name) for m in metrics]
+            trows.append([_label(sparsity, method, labels), mode] + [_spread(v, m.name) for m in metrics]
                          + [_spread(v, "finetune_val_loss", 3), _fmt(v.get("finetune_flops"))])
         arrows = [m.display + (" ↑" if m.higher_is_better else " ↓") for m in metrics]
         blocks += [("h2", f"{t}"), ("table", ["pre-training", "FT"] + arrows + ["FT val loss", "FT FLOPs"], trows)]

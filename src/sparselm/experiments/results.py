@@ -10,7 +10,7 @@ import numpy as np
 
 from ..evaluation.uncertainty import bootstrap_ci, paired_bootstrap
 from ..files import write_json
-from .grid import plan
+from .grid import PruneCell, plan
 from .stats import CELL_KEYS, aggregate
 from .report import write_report
 from .spec import ExperimentSpec
@@ -36,6 +36,27 @@ def _curve(run_dir: Path) -> list[dict]:
     return out
 
 
+def _start_summary(cell) -> dict:
+    """The summary of a fine-tuning starting point. A pruned run's summary is its dense source's (so its
+    pre-training FLOPs are the dense run's) with ``pruning`` added: its wall time gains the pruning's,
+    and the source's validation loss, measured before pruning, is not the pruned model's."""
+    s = _read_json(cell.dir / "summary.json")
+    if isinstance(cell, PruneCell) and s:
+        s = dict(s, final_val_loss=None,
+                 wall_time_s=(s.get("wall_time_s") or 0) + (s.get("pruning", {}).get("seconds") or 0))
+    return s
+
+
+def _pruning(cell) -> dict:
+    """How a prune cell was made, for the tables: method, refinement, N:M, calibration source."""
+    if not isinstance(cell, PruneCell):
+        return {}
+    s = cell.row.settings
+    return {"pruning": {"method": s["method"], "refine": s.get("refine"), "n_m": s.get("n_m"),
+                        "calibration": s.get("calibration", "corpus"), "from": cell.source.name},
+            "label": cell.row.display}
+
+
 def collect(spec: ExperimentSpec, out: Path) -> dict:
     """One row per cell, whatever its status, from the files the grid's cells left; BLEU intervals
     and paired tests from the evaluations' per-input statistics."""
@@ -43,10 +64,10 @@ def collect(spec: ExperimentSpec, out: Path) -> dict:
     segments: dict = {}
     pretrain_rows = []
     for cell in pre:
-        s = _read_json(cell.dir / "summary.json")
+        s = _start_summary(cell)
         pretrain_rows.append({
             "cell": cell.name, "sparsity": cell.sparsity, "method": cell.method if cell.sparsity else "dense", "seed": cell.seed,
-            "status": cell.status(),
+            "status": cell.status(), **_pruning(cell),
             "val_loss": s.get("final_val_loss"), "train_flops": s.get("train_flops"), "dense_train_flops": s.get("dense_train_flops"),
             "average_param_count": s.get("average_param_count"), "final_param_count": s.get("final_param_count"),
             "tokens": s.get("tokens_seen"), "wall_time_s": s.get("wall_time_s"), "curve": _curve(cell.dir),
@@ -55,11 +76,11 @@ def collect(spec: ExperimentSpec, out: Path) -> dict:
     for cell in fine:
         s = _read_json(cell.dir / "summary.json")
         ev = _read_json(cell.eval_file)
-        p = _read_json(cell.pretrain.dir / "summary.json")
+        p = _start_summary(cell.pretrain)
         row = {
             "cell": cell.name, "sparsity": cell.pretrain.sparsity, "method": cell.pretrain.method if cell.pretrain.sparsity else "dense",
             "seed": cell.pretrain.seed, "task": cell.task, "mode": cell.mode,
-            "status": cell.status(),
+            "status": cell.status(), **{k: v for k, v in _pruning(cell.pretrain).items() if k == "label"},
             "pretrain_flops": p.get("train_flops"), "pretrain_dense_flops": p.get("dense_train_flops"),
             "pretrain_val_loss": p.get("final_val_loss"), "finetune_flops": s.get("finetune_flops"),
             "finetune_val_loss": s.get("final_val_loss"),
@@ -71,8 +92,9 @@ def collect(spec: ExperimentSpec, out: Path) -> dict:
         row["ft_curve"] = [c for c in _curve(cell.dir) if "val_loss" in c]
         rows.append(row)
         segments[(cell.task, cell.mode, cell.pretrain.sparsity, row["method"], cell.pretrain.seed)] = ev.get("bleu_segments")
+    pruned = {c.method for c in pre if isinstance(c, PruneCell)}
     return {"spec": spec.to_dict(), "eval_split": spec.eval_split, "pretrain": pretrain_rows, "rows": rows,
-            "pooled_bleu_ci": pooled_intervals(segments), "comparisons": comparisons(segments)}
+            "pooled_bleu_ci": pooled_intervals(segments), "comparisons": comparisons(segments, pruned)}
 
 
 def _stack(segments: dict, task: str, mode: str, sparsity: float, method: str, seeds) -> np.ndarray | None:
@@ -93,15 +115,19 @@ def pooled_intervals(segments: dict) -> list[dict]:
     return out
 
 
-def comparisons(segments: dict) -> list[dict]:
+def comparisons(segments: dict, pruned: set = frozenset()) -> list[dict]:
     """SPDF's two questions, by paired bootstrap over test inputs (seeds pooled, paired by seed):
     does sparse pre-training + dense fine-tuning lose BLEU against dense pre-training, and does dense
-    fine-tuning beat sparse fine-tuning of the same sparse model?"""
+    fine-tuning beat sparse fine-tuning of the same sparse model? For ``pruned`` methods (prune rows) the
+    same two, and whether SPDF at their sparsity beats them, both dense fine-tuned."""
     out = []
     levels = sorted({(k[0], k[2], k[3]) for k in segments if k[2] > 0})
     for task, sparsity, method in levels:
-        pairs = [("spdf_vs_dense", ("dense", sparsity, method), ("dense", 0.0, "dense")),
+        pairs = [("pruned_vs_dense" if method in pruned else "spdf_vs_dense", ("dense", sparsity, method), ("dense", 0.0, "dense")),
                  ("dense_ft_vs_sparse_ft", ("dense", sparsity, method), ("sparse", sparsity, method))]
+        if method in pruned:
+            pairs += [("spdf_vs_pruned", ("dense", sparsity, spdf), ("dense", sparsity, method))
+                      for t, s, spdf in levels if (t, s) == (task, sparsity) and spdf not in pruned]
         for what, a, b in pairs:
             seeds = sorted({k[4] for k in segments if k[:4] == (task, *a)} & {k[4] for k in segments if k[:4] == (task, *b)})
             sa, sb = _stack(segments, task, *a, seeds), _stack(segments, task, *b, seeds)

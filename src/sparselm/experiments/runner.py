@@ -1,9 +1,10 @@
-"""Run an experiment grid: pre-train once per (sparsity, method, seed), fine-tune and evaluate each
-checkpoint per (task, mode). Experiments orchestrate; the training and evaluation packages compute.
+"""Run an experiment grid: pre-train once per (sparsity, method, seed), prune each seed's dense run
+once per prune row, fine-tune and evaluate each of these per (task, mode). Experiments orchestrate;
+the training and evaluation packages compute.
 
 Resumable: a finished cell (its ``summary.json``; for fine-tuning, its evaluation result) is skipped, an
-interrupted one resumes from its checkpoint. A failing cell is recorded in ``failures/`` and the
-grid goes on; cells that depend on it are marked blocked.
+interrupted one resumes from its checkpoint (pruning, which has none, starts again). A failing cell is
+recorded in ``failures/`` and the grid goes on; cells that depend on it are marked blocked.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from ..evaluation.evaluate import evaluate
 from ..evaluation.generate import DecodingConfig
 from ..training import finetune, pretrain
 from ..training.distributed import pick_device
-from .grid import FinetuneCell, PretrainCell, plan
+from ..training.prune import prune_run
+from .grid import FinetuneCell, PretrainCell, PruneCell, plan
 from .results import collect, write_results
 from .spec import ExperimentSpec, SpecError
 
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 FLOPS_PER_S = {"cpu": 9.7e10, "cuda": 3.0e14}
 SECONDS_PER_GENERATED_INPUT = {"cpu": 0.12, "cuda": 0.01}  # beam 10, tiny preset on CPU (measured)
 FT_TOKENS_PER_PAIR = 64  # padded tokens per fine-tuning pair, for estimates
+CALIBRATION_SAMPLES = 128  # calibration sequences when a prune row sets no nsamples (PruneConfig's documented default)
 
 
 def planned_pretrain_flops(cfg) -> float:
@@ -52,10 +55,19 @@ def dry_run(spec: ExperimentSpec, out: Path, device: str = "auto") -> str:
     """The plan with FLOPs and an ETA, without running anything."""
     kind = "cuda" if device.startswith("cuda") else pick_device(device).type
     pre, fine = plan(spec, out)
-    lines = [f"spec {spec.name}: preset {spec.preset}, {len(pre)} pre-training runs, {len(fine)} fine-tuning runs, device {kind}"]
+    pruned = [c for c in pre if isinstance(c, PruneCell)]
+    lines = [f"spec {spec.name}: preset {spec.preset}, {len(pre) - len(pruned)} pre-training runs"
+             + (f", {len(pruned)} prune runs" if pruned else "") + f", {len(fine)} fine-tuning runs, device {kind}"]
     total_s = 0.0
     lines.append(f"{'cell':<34}{'tokens':>10}{'sparse FLOPs':>14}{'dense FLOPs':>14}{'ETA':>9}  status")
     for cell in pre:
+        if isinstance(cell, PruneCell):
+            tokens, fwd = _calibration_plan(spec, cell)
+            eta = fwd / FLOPS_PER_S[kind]
+            total_s += 0 if cell.done() else eta
+            lines.append(f"{cell.name:<34}{tokens:>10.3g}{'':>14}{fwd:>14.3e}{duration(eta):>9}  "
+                         f"{'done' if cell.done() else 'todo'} ({'calibration forward passes only' if tokens else 'no calibration'})")
+            continue
         cfg = spec.pretrain_config(cell.sparsity, cell.method, cell.seed, str(cell.dir))
         shape = cfg.planned_shape()
         tokens = cfg.optim.max_steps * cfg.tokens_per_step
@@ -85,6 +97,20 @@ def dry_run(spec: ExperimentSpec, out: Path, device: str = "auto") -> str:
     return "\n".join(lines)
 
 
+def _calibration_plan(spec: ExperimentSpec, cell: PruneCell) -> tuple[int, float]:
+    """Calibration tokens of a prune cell and the dense forward FLOPs they cost (0 for magnitude;
+    SparseGPT's per-layer solves are not counted)."""
+    from ..pruning import PRUNERS
+
+    cfg = spec.prune_config(cell.row, cell.seed, str(cell.source.dir), str(cell.dir))
+    calibrated = PRUNERS[cfg.method].needs_calibration or bool(cfg.refine)
+    if not calibrated:
+        return 0, 0.0
+    shape = spec.pretrain_config(0.0, "static", cell.seed, "x").planned_shape()
+    tokens = (cfg.nsamples or CALIBRATION_SAMPLES) * (cfg.seqlen or shape.block_size)
+    return tokens, tokens * flops.train_flops_per_token(shape, 1.0) / 3
+
+
 def duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
@@ -93,7 +119,7 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86400:,.1f} days"
 
 
-def _record_failure(cell: PretrainCell | FinetuneCell, error: BaseException, log) -> None:
+def _record_failure(cell: PretrainCell | PruneCell | FinetuneCell, error: BaseException, log) -> None:
     path = cell.failure_file
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(traceback.format_exception(error)))
@@ -104,7 +130,8 @@ def _check_spec_file(spec: ExperimentSpec, out: Path) -> None:
     path = out / "spec.yaml"
     current = spec.to_dict()
     if path.exists():
-        saved = yaml.safe_load(path.read_text())
+        # a field added to specs after the grid started (``prune``) reads as its default there
+        saved = {**{k: v for k, v in ExperimentSpec.defaults().items() if k in current}, **yaml.safe_load(path.read_text())}
         if saved != current:
             diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             raise SpecError(f"{out} holds results of a different spec (fields {diff} differ); use another --out")
@@ -122,11 +149,27 @@ def run(spec: ExperimentSpec, out: str | Path, device: str = "auto", progress: b
     decoding = DecodingConfig(**spec.decoding)
     t_start = time.time()
     for i, cell in enumerate(pre, 1):
+        kind = "prune" if isinstance(cell, PruneCell) else "pretrain"
         if cell.done():
-            log(f"[{i}/{len(pre)}] pretrain {cell.name}: done, skipped")
+            log(f"[{i}/{len(pre)}] {kind} {cell.name}: done, skipped")
             continue
-        log(f"[{i}/{len(pre)}] pretrain {cell.name}")
+        if kind == "prune" and cell.source.name in failed:
+            failed.add(cell.name)
+            log(f"[{i}/{len(pre)}] prune {cell.name}: blocked (pre-training failed)")
+            continue
+        log(f"[{i}/{len(pre)}] {kind} {cell.name}")
         cell.failure_file.unlink(missing_ok=True)
+        if kind == "prune":
+            cfg = spec.prune_config(cell.row, cell.seed, str(cell.source.dir), str(cell.dir))
+            cfg.device, cfg.progress = device, progress
+            try:
+                summary = prune_run(cfg)
+                log(f"  pruned {cell.source.name} to sparsity {summary['sparsity']['measured']:.4f} "
+                    f"in {summary['pruning']['seconds']:.1f}s")
+            except Exception as e:  # noqa: BLE001
+                failed.add(cell.name)
+                _record_failure(cell, e, log)
+            continue
         cfg = spec.pretrain_config(cell.sparsity, cell.method, cell.seed, str(cell.dir))
         cfg.run.device, cfg.run.progress = device, progress
         try:
@@ -137,7 +180,7 @@ def run(spec: ExperimentSpec, out: str | Path, device: str = "auto", progress: b
     for i, cell in enumerate(fine, 1):
         tag = f"[{i}/{len(fine)}] finetune {cell.name}"
         if cell.pretrain.name in failed:
-            log(f"{tag}: blocked (pre-training failed)")
+            log(f"{tag}: blocked ({'pruning' if isinstance(cell.pretrain, PruneCell) else 'pre-training'} failed)")
             continue
         if cell.done():
             log(f"{tag}: done, skipped")

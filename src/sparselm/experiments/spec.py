@@ -1,9 +1,11 @@
-"""Experiment specs: the SPDF grid (sparsity x method x seed pre-training, then task x mode
-fine-tuning and evaluation) as plain YAML, validated up front with errors that say what to fix."""
+"""Experiment specs: the SPDF grid (sparsity x method x seed pre-training, optionally one-shot
+pruning of the dense run, then task x mode fine-tuning and evaluation) as plain YAML, validated up
+front with errors that say what to fix."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
@@ -13,9 +15,10 @@ from .. import config
 from ..config import ConfigError
 from ..data.tasks import TASKS, get_task
 from ..models.presets import PRESETS
-from ..sparsity.methods import METHODS
+from ..pruning import PRUNERS
+from ..sparsity.methods import METHODS, parse_n_m
 from ..training.config import FINETUNE_MODES as MODES
-from ..training.config import FinetuneConfig, PretrainConfig
+from ..training.config import FinetuneConfig, PretrainConfig, PruneConfig
 
 
 class SpecError(ValueError):
@@ -25,6 +28,34 @@ class SpecError(ValueError):
 # keys the grid sets per cell: a spec's pretrain/finetune sections may not set them
 GRID_PRETRAIN_KEYS = {"sparsity": ("target", "method", "distribution", "options"), "run": ("seed", "out"), "model": ("preset",)}
 GRID_FINETUNE_KEYS = {"model": ("from_run",), "data": ("task",), "tuning": ("mode",), "run": ("seed", "out")}
+GRID_PRUNE_KEYS = ("from_run", "out", "device", "progress")  # a prune row may set every other PruneConfig key
+
+
+@dataclass(frozen=True)
+class PruneRow:
+    """One prune-then-fine-tune row: each seed's dense run pruned one-shot to ``sparsity`` with
+    ``settings`` (PruneConfig keys; ``target`` is the sparsity), labelled ``label`` like a method."""
+
+    label: str
+    sparsity: float
+    settings: dict
+    index: int  # its entry in the spec's prune list, for error messages
+
+    @property
+    def display(self) -> str:
+        """'75% pruned: wanda', '2:4 pruned: sparsegpt+dsnot' (and the label, if the spec named the row)."""
+        s = self.settings
+        how = s["method"] + (f"+{s['refine']}" if s.get("refine") else "")
+        level = s["n_m"] if s.get("n_m") else f"{round(100 * self.sparsity)}%"
+        return f"{level} pruned: {how}" + ("" if self.label == default_prune_label(s) else f" [{self.label}]")
+
+
+def default_prune_label(settings: dict) -> str:
+    """'pruned-wanda', 'pruned-wanda-dsnot', 'pruned-sparsegpt-2of4': the method, refinement and N:M."""
+    parts = ["pruned", settings["method"]] + ([settings["refine"]] if settings.get("refine") else [])
+    if settings.get("n_m"):
+        parts.append(settings["n_m"].replace(":", "of"))
+    return "-".join(parts)
 
 
 @dataclass
@@ -46,6 +77,7 @@ class ExperimentSpec:
     eval_split: str = "test"
     eval_limit: int | None = 200
     decoding: dict = field(default_factory=dict)  # DecodingConfig fields
+    prune: list = field(default_factory=list)  # prune-then-fine-tune rows: {method, sparsity or n_m, <PruneConfig keys>}
     description: str = ""
 
     def __post_init__(self):
@@ -92,6 +124,8 @@ class ExperimentSpec:
             raise SpecError(f"tokens: a budget of {self.tokens:.3g} tokens is less than one step of "
                             f"{cfg.tokens_per_step} tokens (batch_size x grad_accum x block_size)")
         self.finetune_config("x", self.tasks[0], self.modes[0], self.seeds[0], "x")
+        for row in self.prune_rows:
+            self.prune_config(row, self.seeds[0], "x", "x")
 
     @property
     def method_names(self) -> list[str]:
@@ -129,6 +163,62 @@ class ExperimentSpec:
                 if not (isinstance(m, dict) and "sparsities" in m) or sparsity in m["sparsities"]]
 
     @property
+    def prune_rows(self) -> list[PruneRow]:
+        """The ``prune`` section, one row per (entry, sparsity): an entry without ``sparsity`` or ``n_m``
+        prunes to each of the spec's non-zero sparsities; one with ``n_m`` to its sparsity (2:4 -> 50%)."""
+        if not isinstance(self.prune, list):
+            raise SpecError(f"prune: expected a list of rows, e.g. [{{method: wanda, sparsity: 0.75}}], got {self.prune!r}")
+        if self.prune and 0 not in self.sparsities:
+            raise SpecError("prune: prune rows start from the dense pre-training run; add 0.0 to sparsities")
+        rows, seen = [], {}
+        for i, entry in enumerate(self.prune):
+            where = f"prune[{i}]"
+            entry = {"method": entry} if isinstance(entry, str) else entry
+            if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
+                raise SpecError(f"{where}: a row needs a method (one of {sorted(PRUNERS)}), e.g. "
+                                f"{{method: wanda, sparsity: 0.75}}; got {entry!r}")
+            settings = {k: v for k, v in entry.items() if k not in ("name", "sparsity")}
+            for key in GRID_PRUNE_KEYS:
+                if key in settings:
+                    raise SpecError(f"{where}.{key}: set by the grid (the dense run of each seed, the grid's --out, "
+                                    "--device, --no-progress); remove it")
+            if "target" in settings:
+                raise SpecError(f"{where}.target: write sparsity (as in the spec's sparsities)")
+            if settings.get("method") not in PRUNERS:
+                raise SpecError(f"{where}.method: unknown {settings['method']!r}; choose from {sorted(PRUNERS)}")
+            n_m = settings.get("n_m")
+            if n_m is not None and not isinstance(n_m, str):
+                raise SpecError(f"{where}.n_m: expected a string like '2:4', got {n_m!r} (quote it: YAML reads 2:4 as a number)")
+            try:
+                n_m = parse_n_m(n_m)
+            except ValueError as e:
+                raise SpecError(f"{where}.n_m: {e}") from None
+            given = entry.get("sparsity")
+            if "sparsity" in entry and (isinstance(given, bool) or not isinstance(given, (int, float)) or not 0 < given < 1):
+                raise SpecError(f"{where}.sparsity: {given!r} is not a fraction in (0, 1)")
+            if n_m is not None and not 0 < n_m[0] < n_m[1]:
+                raise SpecError(f"{where}.n_m: {settings['n_m']!r} must keep 0 < N < M of every M weights")
+            if n_m is not None:
+                levels = [1.0 - n_m[0] / n_m[1]]
+                if "sparsity" in entry and not math.isclose(given, levels[0]):
+                    raise SpecError(f"{where}.sparsity: {given} contradicts n_m {settings['n_m']!r} "
+                                    f"({levels[0]:g}); give one of them")
+            else:
+                levels = [given] if "sparsity" in entry else [s for s in self.sparsities if s > 0]
+            label = entry.get("name") or default_prune_label(settings)
+            if not isinstance(label, str) or not label.replace("-", "").replace("_", "").replace(".", "").isalnum():
+                raise SpecError(f"{where}.name: {label!r} must be letters, digits, '-', '_' or '.' (it names directories)")
+            if label in self.method_names or label == "dense":
+                raise SpecError(f"{where}: its label {label!r} is a pre-training method's; give the row another name")
+            for s in levels:
+                if (label, float(s)) in seen:
+                    raise SpecError(f"{where}: same label {label!r} and sparsity {s} as prune[{seen[label, float(s)]}]; "
+                                    "give one of them a name")
+                seen[label, float(s)] = i
+                rows.append(PruneRow(label, float(s), settings, i))
+        return rows
+
+    @property
     def data_dir(self) -> str | None:
         return (self.finetune.get("data") or {}).get("data_dir")
 
@@ -159,8 +249,24 @@ class ExperimentSpec:
         except ConfigError as e:
             raise SpecError(f"finetune: {e}") from None
 
+    def prune_config(self, row: PruneRow, seed: int, from_run: str, out: str) -> PruneConfig:
+        """A row's PruneConfig for one seed's dense run (calibration windows seeded by the grid's seed
+        unless the row sets ``seed``)."""
+        data = {"seed": seed, **row.settings, "target": row.sparsity, "from_run": from_run, "out": out}
+        where = f"prune[{row.index}]"
+        try:
+            return config.from_dict(PruneConfig, data, f"spec {self.name}", prefix=f"{where}.")
+        except ConfigError as e:
+            message = str(e)
+            raise SpecError(message if message.startswith(where) else f"{where}.{message}") from None
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @staticmethod
+    def defaults() -> dict:
+        """Every field's default value (without validating a default spec)."""
+        return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(ExperimentSpec)}
 
 
 BUILTIN_DIR = "specs"
@@ -196,4 +302,4 @@ def load_spec(name_or_path: str) -> ExperimentSpec:
     return ExperimentSpec(**data)
 
 
-__all__ = ["ExperimentSpec", "SpecError", "builtin_specs", "load_spec"]
+__all__ = ["ExperimentSpec", "PruneRow", "SpecError", "builtin_specs", "load_spec"]
