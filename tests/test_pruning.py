@@ -241,3 +241,29 @@ def test_llama_linears_and_true_sequential_groups():
                                 true_sequential=true_sequential, progress=False).masks
             assert len(masks) == 14
             assert all(int((~mk).sum()) == mk.numel() // 2 for mk in masks.values())
+
+
+def test_cli_prunes_with_calibration_from_a_file_exactly_as_the_api(trained_dense, tmp_path):
+    from safetensors.torch import load_file
+
+    from sparselm.cli.main import main
+    from sparselm.models.runs import load_run as load
+
+    run, train, _ = trained_dense
+    calibration = windows(train, 8, seed=3)
+    np.save(tmp_path / "calib.npy", calibration.numpy())
+    argv = ["prune", "--from", str(run), "--out", str(tmp_path / "p"), "--method", "sparsegpt", "--sparsity", "0.5",
+            "--calibration", str(tmp_path / "calib.npy")]
+    assert main(argv) == 0
+    model, _, masks, summary = load(tmp_path / "p")
+    assert summary["pruning"]["calibration"]["nsamples"] == 8 and summary["sparsity"]["method"] == "sparsegpt"
+    direct = load_run(run)[0]
+    expected = prune_model(direct, PRUNERS["sparsegpt"](), sparsity=0.5, include=block_linear_names(direct),
+                           calibration=calibration, progress=False).masks
+    weights = load_file(str(tmp_path / "p" / "model.safetensors"))
+    for name, mask in expected.items():
+        assert torch.equal(masks[name], mask), name
+        assert torch.equal(weights[name], dict(direct.named_parameters())[name].detach()), name
+    assert main(argv[:4] + [str(tmp_path / "q"), "--method", "wanda", "--nsamples", "4", "--seqlen", "32"]) == 0  # corpus
+    assert load(tmp_path / "q")[3]["pruning"]["calibration"] == {"source": "corpus", "nsamples": 4, "seqlen": 32, "seed": 0}
+    assert "one-shot pruning (wanda)" in (tmp_path / "q" / "README.md").read_text()
