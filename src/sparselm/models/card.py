@@ -106,6 +106,13 @@ def _sparsity_section(run_dir: Path, s: dict, sparsity: dict) -> list[str]:
 
 def _training_section(s: dict) -> list[str]:
     out = ["## Training", ""]
+    if s.get("pruned_from"):
+        p = s.get("pruning") or {"method": "magnitude"}
+        how = " + ".join(x for x in (p.get("method"), p.get("refine") and f"{p['refine']} refinement") if x)
+        calib = p.get("calibration")
+        out.append(f"- one-shot pruning ({how}) of `{s['pruned_from']}`"
+                   + (f" on {calib['nsamples']} x {calib['seqlen']} calibration tokens from {calib['source']}" if calib else "")
+                   + "; the lines below are the source run's, before pruning")
     if s.get("kind") == "pretrain":
         from .. import flops
 
@@ -124,12 +131,6 @@ def _training_section(s: dict) -> list[str]:
                 f"- fine-tuning FLOPs {s.get('finetune_flops', 0):.3e}"
                 + (f"; pre-training FLOPs {s['pretrain_flops']:.3e} (dense {s.get('pretrain_dense_flops') or 0:.3e})"
                    if s.get("pretrain_flops") else "")]
-    elif s.get("pruned_from"):
-        p = s.get("pruning") or {"method": "magnitude"}
-        how = " + ".join(x for x in (p.get("method"), p.get("refine") and f"{p['refine']} refinement") if x)
-        calib = p.get("calibration")
-        out.append(f"- one-shot pruning ({how}) of `{s['pruned_from']}`"
-                   + (f" on {calib['nsamples']} x {calib['seqlen']} calibration tokens from {calib['source']}" if calib else ""))
     if s.get("wall_time_s"):
         out.append(f"- wall time {s['wall_time_s']:.0f} s on {s.get('device', '?')} x {s.get('world_size', 1)}")
     return out + [""]
