@@ -348,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     for key in ("true_sequential", "offload"):
         p.add_argument("--" + key.replace("_", "-"), dest=key, action="store_const", const=True, default=None,
                        help=f"{_field(P, key).metadata['help']} (config key {key})")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None, help="no progress bar")
     _config_file_flags(p, "prune")
     p.set_defaults(func=cmd_prune)
 
