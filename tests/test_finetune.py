@@ -100,7 +100,7 @@ def test_bad_inputs(sparse_run, tmp_path):
         finetune(make_config(FinetuneConfig, from_run=str(tmp_path), out=str(tmp_path / "o")), progress=False)
 
 
-def test_prune_a_dense_run_then_finetune_sparse(sparse_run, tmp_path, micro_config):
+def test_prune_a_dense_run_then_finetune_sparse(sparse_run, tmp_path, micro_config, capsys):
     from sparselm.cli.main import main
     from sparselm.training import pretrain
 
@@ -118,3 +118,5 @@ def test_prune_a_dense_run_then_finetune_sparse(sparse_run, tmp_path, micro_conf
     summary, out = run_ft(tmp_path / "pruned", tmp_path, "sparse")
     assert summary["source_sparsity"] == pytest.approx(0.5)
     assert main(["prune", "--from", str(sparse_run), "--out", str(tmp_path / "again")]) == 2  # already sparse
+    assert main(["prune", "--from", str(sparse_run), "--out", str(tmp_path / "again"), "--refine", "dsnot"]) == 2
+    assert "refine while pruning the dense source" in capsys.readouterr().err

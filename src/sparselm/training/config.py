@@ -379,7 +379,7 @@ class PruneConfig:
     target: float = option(0.75, "fraction of zeros in the block linears", lo=0.0, hi=1.0, hi_open=True)
     distribution: str = option("uniform", "per-layer sparsity distribution", choices=lambda: sorted(DISTRIBUTIONS))
     n_m: str | None = option(None, "N:M structured masks, e.g. '2:4' (overrides target)")
-    refine: str | None = option(None, "mask refinement after pruning (or of a sparse run's masks)",
+    refine: str | None = option(None, "mask refinement after pruning (DSnoT)",
                                 choices=lambda: sorted(_refiners()))
     calibration: str = option("corpus", "calibration data: 'corpus' (the run's pre-training corpus), a prepared "
                                         "corpus DIR, 'task:NAME' (a task's training pairs) or FILE.npy ([n, seqlen] ids)")

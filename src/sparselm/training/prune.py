@@ -37,12 +37,14 @@ def prune_run(cfg: PruneConfig) -> dict:
     if (out / "summary.json").exists():
         raise RunExistsError(f"{out} already holds a run; choose another --out")
     model, tok, masks, source = load_run(cfg.from_run)
-    if masks is not None and not cfg.refine:
-        raise ValueError(f"{cfg.from_run} is already sparse (it has masks.safetensors): prune a dense run, or refine "
-                         "its masks with --refine dsnot")
+    if masks is not None:
+        raise ValueError(f"{cfg.from_run} is already sparse (it has masks.safetensors): prune a dense run. Refining its "
+                         "masks cannot help: its pruned weights are exact zeros and a refinement such as DSnoT regrows a "
+                         "pruned weight at its dense value; refine while pruning the dense source instead "
+                         "(--from DENSE_RUN --method wanda --refine dsnot)")
     pruner = PRUNERS[cfg.method](**cfg.options)
     refiner = REFINERS[cfg.refine](**cfg.refine_options) if cfg.refine else None
-    needs_data = (pruner.needs_calibration and masks is None) or (refiner is not None and refiner.needs_calibration)
+    needs_data = pruner.needs_calibration or (refiner is not None and refiner.needs_calibration)
     calibration = None
     if needs_data:
         from ..pruning.calibration import calibration_tokens
@@ -53,18 +55,17 @@ def prune_run(cfg: PruneConfig) -> dict:
     n_m = parse_n_m(cfg.n_m)
     t0 = time.perf_counter()
     result = prune_model(model, pruner, sparsity=cfg.target, distribution=cfg.distribution, n_m=n_m,
-                         include=block_linear_names(model), calibration=calibration, refiner=refiner, masks=masks,
+                         include=block_linear_names(model), calibration=calibration, refiner=refiner,
                          true_sequential=cfg.true_sequential, device=pick_device(cfg.device), offload=cfg.offload,
                          batch_size=cfg.batch_size, progress=cfg.progress)
     seconds = time.perf_counter() - t0
     model.to("cpu")
-    label = cfg.method if masks is None else "given"
-    label += f"+{cfg.refine}" if cfg.refine else ""
+    label = cfg.method + (f"+{cfg.refine}" if cfg.refine else "")
     held = _Given(result.masks, label, sparsity=1.0 - n_m[0] / n_m[1] if n_m else cfg.target,
                   distribution=cfg.distribution, n_m=n_m, include=list(result.masks)).attach(model)
     summary = dict(source)
     summary.update(kind="pretrain", pruned_from=str(cfg.from_run), sparsity=held.report(), command=invocation(),
-                   pruning={"method": cfg.method if masks is None else None, "refine": cfg.refine,
+                   pruning={"method": cfg.method, "refine": cfg.refine,
                             "options": dict(cfg.options), "refine_options": dict(cfg.refine_options),
                             "calibration": None if calibration is None else {
                                 "source": cfg.calibration, "nsamples": int(calibration.shape[0]),
