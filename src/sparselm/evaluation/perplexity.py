@@ -140,9 +140,11 @@ def check_seqlen(seqlen: int, model) -> None:
 
 
 def evaluate_perplexity(model_dir: str | Path, data: str | Path, seqlen: int | None = None, *, device="cpu",
-                        batch_size: int = 8, progress=False, out: str | Path | None = None, cache_dir=None) -> dict:
+                        batch_size: int = 8, progress=False, out: str | Path | None = None, cache_dir=None,
+                        tokens: torch.LongTensor | None = None) -> dict:
     """Write ``perplexity-<data name>-<seqlen>.json`` into ``out`` (default: ``eval/`` of a sparselm
-    run, whose model card then shows it) and return the result. ``seqlen``: default the model's context."""
+    run, whose model card then shows it) and return the result. ``seqlen``: default the model's context.
+    ``tokens``: ``eval_tokens(data, ...)`` already read (a sweep reads them once for all its runs)."""
     from ..models.card import write_card
     from ..models.runs import load_run
     from .evaluate import is_sparselm_run
@@ -157,7 +159,8 @@ def evaluate_perplexity(model_dir: str | Path, data: str | Path, seqlen: int | N
     check_seqlen(seqlen, model)  # before the text is read
     path = perplexity_path(model_dir, data, seqlen, out)
     t0 = time.time()
-    tokens = eval_tokens(data, tok, cache_dir=cache_dir)
+    if tokens is None:
+        tokens = eval_tokens(data, tok, cache_dir=cache_dir)
     result = {"task": TASK, "data": str(data), "model": str(model_dir), **perplexity(
         model, tokens, seqlen, device=device, batch_size=batch_size, progress=progress), "time_s": time.time() - t0}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from ..models import block_linear_names, context_length
 from ..models.card import invocation
 from ..models.runs import load_run
@@ -31,27 +33,22 @@ class _Given(Sparsifier):
         return self._given
 
 
-def prune_run(cfg: PruneConfig) -> dict:
-    """Prune ``cfg.from_run`` with ``cfg.method`` (and refine with ``cfg.refine``) into ``cfg.out``."""
+def prune_run(cfg: PruneConfig, calibration: torch.Tensor | None = None) -> dict:
+    """Prune ``cfg.from_run`` with ``cfg.method`` (and refine with ``cfg.refine``) into ``cfg.out``.
+    ``calibration``: ``[n, seqlen]`` token ids to use instead of reading ``cfg.calibration`` (a sweep
+    reads them once for all its runs, with ``calibration_for``)."""
     out = Path(cfg.out)
     if (out / "summary.json").exists():
         raise RunExistsError(f"{out} already holds a run; choose another --out")
     model, tok, masks, source = load_run(cfg.from_run)
-    if masks is not None:
-        raise ValueError(f"{cfg.from_run} is already sparse (it has masks.safetensors): prune a dense run. Refining its "
-                         "masks cannot help: its pruned weights are exact zeros and a refinement such as DSnoT regrows a "
-                         "pruned weight at its dense value; refine while pruning the dense source instead "
-                         "(--from DENSE_RUN --method wanda --refine dsnot)")
+    check_dense(cfg.from_run, masks)
     pruner = PRUNERS[cfg.method](**cfg.options)
     refiner = REFINERS[cfg.refine](**cfg.refine_options) if cfg.refine else None
     needs_data = pruner.needs_calibration or (refiner is not None and refiner.needs_calibration)
-    calibration = None
-    if needs_data:
-        from ..pruning.calibration import calibration_tokens
-
-        calibration = calibration_tokens(cfg.calibration, tok, model.config.vocab_size, nsamples=cfg.nsamples,
-                                         seqlen=cfg.seqlen, context=context_length(model), seed=cfg.seed,
-                                         run_dir=cfg.from_run)
+    if not needs_data:
+        calibration = None
+    elif calibration is None:
+        calibration = calibration_for(cfg, model, tok)
     n_m = parse_n_m(cfg.n_m)
     t0 = time.perf_counter()
     result = prune_model(model, pruner, sparsity=cfg.target, distribution=cfg.distribution, n_m=n_m,
@@ -74,3 +71,20 @@ def prune_run(cfg: PruneConfig) -> dict:
                             "peak_memory_bytes": result.peak_memory_bytes, "blocks": result.blocks})
     save_run(out, model, lambda d: tok.save_pretrained(str(d)), held.state_dict(), summary)
     return summary
+
+
+def check_dense(source, masks) -> None:
+    """Only a dense run is pruned (``masks``: the source's, None when it is dense)."""
+    if masks is not None:
+        raise ValueError(f"{source} is already sparse (it has masks.safetensors): prune a dense run. Refining its "
+                         "masks cannot help: its pruned weights are exact zeros and a refinement such as DSnoT regrows a "
+                         "pruned weight at its dense value; refine while pruning the dense source instead "
+                         "(--from DENSE_RUN --method wanda --refine dsnot)")
+
+
+def calibration_for(cfg: PruneConfig, model, tok) -> torch.LongTensor:
+    """The calibration tokens ``cfg`` asks for, for ``model`` and its tokenizer ``tok``."""
+    from ..pruning.calibration import calibration_tokens
+
+    return calibration_tokens(cfg.calibration, tok, model.config.vocab_size, nsamples=cfg.nsamples, seqlen=cfg.seqlen,
+                              context=context_length(model), seed=cfg.seed, run_dir=cfg.from_run)
