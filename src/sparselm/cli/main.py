@@ -206,16 +206,65 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _names(text: str) -> list[str]:
+    """``a,b`` -> ``["a", "b"]`` (a flag that takes one value or a comma list)."""
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty name in the comma list")
+    return names
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(t) for t in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number or a comma list of numbers, e.g. 0.5 or "
+                                         "0.3,0.5,0.7") from None
+
+
+def _pruner_names() -> list[str]:
+    from ..pruning import PRUNERS
+
+    return sorted(PRUNERS)
+
+
 def cmd_prune(args) -> int:
     from .. import config
     from ..training.config import PruneConfig
     from ..training.prune import prune_run
 
-    cfg = config.load(PruneConfig, args.config, args.overrides, _config_flags(args))
+    flags = _config_flags(args)
+    tolerance = flags.pop("knee_tolerance")
+    lists = {k: flags[k] for k in ("method", "target", "n_m") if flags[k] is not None}
+    flags.update({k: v[0] for k, v in lists.items()})  # the first of each: the sweep's other settings are checked once
+    cfg = config.load(PruneConfig, args.config, args.overrides, flags)
+    if any(len(v) > 1 for v in lists.values()):
+        return _prune_sweep(cfg, lists, tolerance)
+    if tolerance is not None:
+        raise config.ConfigError("--knee-tolerance: only for a sweep (a comma list in --method, --sparsity or --n-m)")
     s = prune_run(cfg)
     p = s["pruning"]
     _say(f"pruned {cfg.from_run} ({s['sparsity']['method']}) to sparsity {s['sparsity']['measured']:.4f} in {p['seconds']:.1f}s "
          f"on {p['device']} (peak memory {p['peak_memory_bytes'] / 2**20:.0f} MiB) -> {cfg.out}")
+    if cfg.eval_data:
+        from ..evaluation.perplexity import evaluate_perplexity, format_perplexity, perplexity_path
+        from ..training.distributed import pick_device
+
+        result = evaluate_perplexity(cfg.out, cfg.eval_data, cfg.eval_seqlen, device=pick_device(cfg.device))
+        _say(format_perplexity(result))
+        _say(f"-> {perplexity_path(cfg.out, cfg.eval_data, result['seqlen'])}")
+    return 0
+
+
+def _prune_sweep(cfg, lists: dict, tolerance: float | None) -> int:
+    from ..experiments.prune_sweep import KNEE_TOLERANCE, run_sweep
+
+    sparsities = lists.get("target") or ([] if "n_m" in lists else [cfg.target])
+    record = run_sweep(cfg, lists.get("method") or [cfg.method], sparsities, lists.get("n_m", []),
+                       tolerance=KNEE_TOLERANCE if tolerance is None else tolerance, progress=cfg.progress)
+    knees = ", ".join(f"{k} {'none' if v is None else f'{100 * v:g}%'}" for k, v in record["essential_sparsity"].items())
+    _say(f"swept {len(record['points'])} runs of {cfg.from_run}: essential sparsity {knees} -> {cfg.out}/sweep.md"
+         + (f", {cfg.out}/{record['plot']}" if record["plot"] else " (plot skipped: pip install 'sparselm[report]')"))
     return 0
 
 
@@ -334,10 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="one-shot pruning of a trained run or HF model directory (magnitude, Wanda, SparseGPT)")
     _flag(p, P, "from_run", "--from", metavar="DIR")
     _flag(p, P, "out", "--out", metavar="DIR")
-    _flag(p, P, "method", "--method")
-    _flag(p, P, "target", "--sparsity", type=float)
+    _flag(p, P, "method", "--method", type=_names, choices=None, metavar="NAME[,NAME...]",
+          help=f"one-shot pruner ({', '.join(_pruner_names())}; default: magnitude), or a comma list for a sweep")
+    _flag(p, P, "target", "--sparsity", type=_fractions, metavar="S[,S...]",
+          help="fraction of zeros in the block linears (default: 0.75), or a comma list for a sweep")
     _flag(p, P, "distribution", "--distribution")
-    _flag(p, P, "n_m", "--n-m", metavar="N:M")
+    _flag(p, P, "n_m", "--n-m", type=_names, metavar="N:M[,N:M...]",
+          help="N:M structured masks, e.g. 2:4 (overrides --sparsity); in a sweep, a comma list of extra points")
+    _flag(p, P, "eval_data", "--eval-data", metavar="FILE.txt|PREPARED_DIR")
+    _flag(p, P, "eval_seqlen", "--eval-seqlen", type=int, metavar="N")
+    p.add_argument("--knee-tolerance", dest="knee_tolerance", type=float, metavar="TOL",
+                   help="a sweep's essential sparsity: the largest sparsity whose perplexity, and that of every lower "
+                        "one, is within TOL of dense (default 0.01: within 1%%)")
     _flag(p, P, "refine", "--refine")
     _flag(p, P, "calibration", "--calibration", metavar="SOURCE")
     _flag(p, P, "nsamples", "--nsamples", type=int)

@@ -393,6 +393,9 @@ class PruneConfig:
     progress: bool = option(True, "show a progress bar")
     options: dict = option(help="the pruner's options (e.g. damp for sparsegpt)", default_factory=dict)
     refine_options: dict = option(help="the refinement's options", default_factory=dict)
+    eval_data: str | None = option(None, "held-out text FILE.txt or prepared corpus DIR: the perplexity of the pruned "
+                                         "run (required for a sweep)")
+    eval_seqlen: int | None = option(None, "tokens per perplexity window (default: the model's context)", lo=2)
 
     def __post_init__(self):
         for key in ("from_run", "out"):
