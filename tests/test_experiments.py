@@ -291,6 +291,7 @@ def test_prune_rows_plan_configs_and_dry_run(tmp_path):
     ([{"method": "wanda", "out": "x"}], r"prune\[0\].out: set by the grid"),
     ([{"method": "wanda", "from_run": "x"}], r"prune\[0\].from_run: set by the grid"),
     ([{"method": "wanda", "target": 0.5}], r"prune\[0\].target: write sparsity"),
+    ([{"method": "wanda", "eval_data": "held-out.txt"}], r"prune\[0\].eval_data: not used by a grid"),
     ([{"method": "wanda", "sparsity": 1.0}], r"prune\[0\].sparsity: 1.0 is not a fraction"),
     ([{"method": "wanda", "sparsity": "most"}], r"prune\[0\].sparsity: 'most' is not a fraction"),
     ([{"method": "wanda", "n_m": "4:4"}], r"prune\[0\].n_m: '4:4' must keep 0 < N < M"),

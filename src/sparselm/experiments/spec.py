@@ -184,6 +184,9 @@ class ExperimentSpec:
                                     "--device, --no-progress); remove it")
             if "target" in settings:
                 raise SpecError(f"{where}.target: write sparsity (as in the spec's sparsities)")
+            for key in ("eval_data", "eval_seqlen"):  # sparselm prune's own evaluation: a grid would ignore them
+                if key in settings:
+                    raise SpecError(f"{where}.{key}: not used by a grid (it scores each row after fine-tuning); remove it")
             if settings.get("method") not in PRUNERS:
                 raise SpecError(f"{where}.method: unknown {settings['method']!r}; choose from {sorted(PRUNERS)}")
             n_m = settings.get("n_m")
