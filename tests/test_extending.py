@@ -1,5 +1,5 @@
 """Extending sparselm from outside ``src/``: a sparsity method, a model family (with a preset) and a
-task registered in this file alone are accepted by the config, the CLI, training and
+task (and a pruner) registered in this file alone are accepted by the config, the CLI, training and
 ``reproduce --dry-run``, like the built-in ones."""
 
 import json
@@ -105,3 +105,39 @@ def test_registered_method_options_are_checked_like_built_in_ones(extended):
         load_pretrain_config(None, ["sparsity.method=keep-smallest-test", "sparsity.options.power=0"])
     with pytest.raises(ConfigError, match="sparsity.options.drop_fraction: unknown key"):
         load_pretrain_config(None, ["sparsity.method=keep-smallest-test", "sparsity.options.drop_fraction=0.3"])
+
+
+def test_a_pruner_registered_here_runs_through_prune(tiny_run, tmp_path):
+    """A pruner is one class and ``register_pruner``: ``sparselm prune --method`` takes it, with its options
+    checked, and the driver gives it exact counts and writes a run with its masks."""
+    from sparselm.pruning import PRUNERS, Pruned, Pruner, register_pruner
+
+    class KeepLargest(Pruner):
+        name = "keep-largest-test"
+        help = "keep the largest |W| of each layer (test pruner)"
+        needs_calibration = False
+
+        @dataclass
+        class Options:
+            scale: float = option(1.0, "multiplies the score", lo=0.0, lo_open=True)
+
+        def prune(self, weight, stats, n_prune, n_m):
+            score = weight.abs() * self.options.scale
+            flat = torch.zeros(score.numel(), dtype=torch.bool)
+            flat[score.flatten().argsort(descending=True)[: score.numel() - n_prune]] = True
+            return Pruned(flat.view(score.shape))
+
+    saved = dict(PRUNERS)
+    register_pruner(KeepLargest)
+    try:
+        argv = ["prune", "--from", str(tiny_run), "--out", str(tmp_path / "p"), "--method", KeepLargest.name,
+                "--sparsity", "0.25", "--set", "options.scale=2.0"]
+        assert main(argv) == 0
+        masks = load_file(str(tmp_path / "p" / "masks.safetensors"))
+        assert masks and all(int((~m).sum()) == round(0.25 * m.numel()) for m in masks.values())
+        summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+        assert summary["sparsity"]["method"] == KeepLargest.name and summary["pruning"]["options"] == {"scale": 2.0}
+        assert main(argv[:4] + [str(tmp_path / "q")] + argv[5:-1] + ["options.scale=-1"]) == 2  # checked like built-ins
+    finally:
+        PRUNERS.clear()
+        PRUNERS.update(saved)

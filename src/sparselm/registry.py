@@ -1,9 +1,10 @@
-"""Name -> declaration registries (sparsity methods, model families, tasks, metrics): what makes
+"""Name -> declaration registries (sparsity methods, model families, tasks, metrics, pruners): what makes
 adding one a module plus one ``register`` call, with the same errors everywhere.
 
 Installed packages add to them through entry points (plugins), one group per registry:
 ``sparselm.methods`` (a ``Sparsifier`` subclass), ``sparselm.families`` (a ``ModelFamily``
-instance), ``sparselm.tasks`` (a ``Task``), ``sparselm.metrics`` (a ``Metric``). An entry point's
+instance), ``sparselm.tasks`` (a ``Task``), ``sparselm.metrics`` (a ``Metric``), ``sparselm.pruners``
+and ``sparselm.refiners`` (a ``Pruner`` / ``Refiner`` subclass). An entry point's
 object is passed to the registry's register function (``register_method``, ``register_family``,
 ...) and is registered under the object's own ``name``; an entry point naming a module instead
 (``mod`` rather than ``mod:obj``) is imported, and its import registers whatever it declares.
