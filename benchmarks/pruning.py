@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     for r in rows:
         ratio = f"{r['total_s'] / base[r['preset']]:.0f}x" if r["preset"] in base and base[r["preset"]] > 0 else "-"
         growth = f"{r['growth'] / 2**20:,.0f}" if r["growth"] is not None else "-"
-        print(f"| {r['preset']} | {r['method']} | {r['blocks']} | {r['s_per_block']:.2f} | {r['total_s']:.1f} | {ratio} | "
+        print(f"| {r['preset']} | {r['method']} | {r['blocks']} | {r['s_per_block']:.3g} | {r['total_s']:.3g} | {ratio} | "
               f"{r['peak'] / 2**20:,.0f} | {growth} |")
     return 0
 
