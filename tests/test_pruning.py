@@ -5,7 +5,6 @@ propagation, and the quality ordering the literature reports (dense < SparseGPT 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ SEQLEN = 64
 @pytest.fixture(scope="session")
 def trained_dense(tmp_path_factory, small_corpus, cache_dir):
     """A dense 2-layer GPT-2 (d=96) trained for 300 steps on the small corpus, and that corpus' tokens."""
-    from sparselm.data.corpus import TokenizedCorpus
+    from sparselm.pruning.calibration import run_corpus
     from sparselm.training import PretrainConfig, pretrain
 
     out = tmp_path_factory.mktemp("trained-dense") / "run"
@@ -35,8 +34,7 @@ def trained_dense(tmp_path_factory, small_corpus, cache_dir):
                       corpus=str(small_corpus), cache_dir=str(cache_dir), out=str(out), sparsity=0.0, max_steps=300,
                       batch_size=16, warmup_steps=20, eval_every=300, ckpt_every=300, eval_batches=2, lr=3e-3)
     pretrain(cfg, progress=False, log=lambda *_: None)
-    manifest = next(Path(cache_dir).rglob("manifest.json"))
-    corpus = TokenizedCorpus.load(manifest.parent)
+    corpus = run_corpus(out)  # the run's own corpus (the session cache holds others, with other tokenizers)
     return out, np.asarray(corpus.train()[:], dtype=np.int64), np.asarray(corpus.val()[:], dtype=np.int64)
 
 
